@@ -1,0 +1,70 @@
+"""Command line: `python -m normlab list | run EXP --profile P [--device D] | show EXP [--profile P]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from . import results
+from .experiments import available, get_experiment
+
+
+def _show(record: dict) -> str:
+    prov = record["provenance"]
+    lines = [
+        f"{record['experiment']} / {record['profile']}: {len(record['runs'])} runs",
+        f"  commit {str(prov.get('git_commit'))[:10]}{' (dirty)' if prov.get('git_dirty') else ''}, "
+        f"torch {prov.get('torch')}, {prov.get('device')} ({prov.get('device_name')}), "
+        f"started {prov.get('started')}, wall {prov.get('wall_s', 0):.0f} s",
+    ]
+    for run in record["runs"]:
+        metrics = {k: v for k, v in run.get("metrics", {}).items() if isinstance(v, (int, float, bool))}
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        lines.append(f"  {json.dumps(run['config'], sort_keys=True)}  {shown}")
+    walls = [r.get("wall_s", 0) for r in record["runs"]]
+    if walls:
+        lines.append(f"  median wall per run {statistics.median(walls):.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m normlab", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list experiments and their recorded profiles")
+    run = sub.add_parser("run", help="run (or resume) an experiment's sweep and record it under results/")
+    run.add_argument("experiment")
+    run.add_argument("--profile", default="smoke", choices=results.PROFILES)
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    run.add_argument("--out", default=None, help="result file (default: results/EXP/PROFILE.json)")
+    run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    show = sub.add_parser("show", help="print a recorded result")
+    show.add_argument("experiment")
+    show.add_argument("--profile", default=None, help="default: full if recorded, else cpu")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "list":
+            for name in available():
+                recorded = [p for p in results.PROFILES if results.result_path(name, p).exists()]
+                try:
+                    doc = (get_experiment(name).__doc__ or "").strip().splitlines()
+                    summary = doc[0] if doc else ""
+                except Exception as e:  # one broken experiment must not hide the others
+                    summary = f"(cannot import: {type(e).__name__}: {e})"
+                print(f"{name:18s} recorded: {', '.join(recorded) or '-':16s} {summary}")
+        elif args.cmd == "run":
+            record = results.sweep(args.experiment, args.profile, out=args.out, device=args.device,
+                                   progress=not args.no_progress)
+            print(_show(record))
+        elif args.cmd == "show":
+            print(_show(results.load(args.experiment, args.profile)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The result store: provenance, atomic writes, resumable sweeps (killed for real), the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab import results
+from normlab.__main__ import main
+
+# An experiment kept outside the package (a dotted module path), slow enough to be killed mid-sweep.
+SLOW_EXPERIMENT = textwrap.dedent('''
+    """A test experiment: each run sleeps, then records a value derived from its config."""
+    import os, time
+    PROFILES = {"smoke": {"n": 8, "sleep": 0.3}, "cpu": {"n": 2, "sleep": 0.0}, "full": {"n": 2, "sleep": 0.0}}
+
+    def runs(config):
+        return [{"i": i, "seed": 0} for i in range(config["n"])]
+
+    def run_one(run, config, device, progress=False):
+        with open(os.environ["SLOWEXP_LOG"], "a") as f:  # which runs were started, by which process
+            f.write(f"{os.getpid()} {run['i']}\\n")
+        time.sleep(config["sleep"])
+        return {"metrics": {"square": run["i"] ** 2}, "history": [run["i"]]}
+''')
+
+
+@pytest.fixture
+def slow_exp(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    (pkg / "extexp").mkdir(parents=True)
+    (pkg / "extexp" / "__init__.py").write_text("")
+    (pkg / "extexp" / "slowexp.py").write_text(SLOW_EXPERIMENT)
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("SLOWEXP_LOG", str(tmp_path / "started.log"))
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path / "results"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
+    return tmp_path, env
+
+
+def test_provenance_fields():
+    prov = results.provenance("smoke", torch.device("cpu"))
+    for key in ("git_commit", "git_dirty", "torch", "device", "device_name", "profile", "started", "wall_s"):
+        assert key in prov
+    assert prov["torch"] == torch.__version__ and prov["profile"] == "smoke"
+    assert prov["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    results.atomic_write_json(path, {"v": 1})
+
+    def broken_dump(obj, f, **kw):
+        f.write('{"v": 2, "trunc')  # a partial write, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        results.atomic_write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"], "temporary file left behind"
+
+
+def test_sweep_records_and_skips(slow_exp):
+    tmp_path, _ = slow_exp
+    rec = results.sweep("extexp.slowexp", "cpu", log=None)
+    assert [r["metrics"]["square"] for r in rec["runs"]] == [0, 1]
+    assert rec["provenance"]["profile"] == "cpu" and rec["config"] == {"n": 2, "sleep": 0.0}
+    started = (tmp_path / "started.log").read_text().splitlines()
+    rec2 = results.sweep("extexp.slowexp", "cpu", log=None)
+    assert rec2["runs"] == rec["runs"]
+    assert (tmp_path / "started.log").read_text().splitlines() == started, "a recorded run was run again"
+    assert results.load("extexp.slowexp", "cpu") == rec2
+
+
+def test_sweep_refuses_a_changed_config(slow_exp):
+    results.sweep("extexp.slowexp", "cpu", log=None)
+    path = results.result_path("extexp.slowexp", "cpu")
+    data = json.loads(path.read_text())
+    data["config"]["n"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="another configuration.*move it away"):
+        results.sweep("extexp.slowexp", "cpu", log=None)
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_runs(slow_exp):
+    """SIGKILL a real `python -m normlab run` mid-sweep; the restart completes it, losing nothing."""
+    tmp_path, env = slow_exp
+    path = tmp_path / "results" / "extexp.slowexp" / "smoke.json"
+    cmd = [sys.executable, "-m", "normlab", "run", "extexp.slowexp", "--profile", "smoke", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if path.exists() and len(json.loads(path.read_text())["runs"]) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(path.read_text())  # still valid JSON: writes are atomic
+    assert 3 <= len(before["runs"]) < 8, "the sweep was not killed mid-way"
+    first_pid = (tmp_path / "started.log").read_text().split()[0]
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"{len(before['runs'])} runs already recorded" in out.stdout
+    after = json.loads(path.read_text())
+    assert after["runs"][: len(before["runs"])] == before["runs"]
+    assert [r["config"]["i"] for r in after["runs"]] == list(range(8))
+    assert [r["metrics"]["square"] for r in after["runs"]] == [i * i for i in range(8)]
+    restarted = [int(line.split()[1]) for line in (tmp_path / "started.log").read_text().splitlines()
+                 if line.split()[0] != first_pid]
+    assert min(restarted) >= len(before["runs"]), "the restart re-ran runs that were already recorded"
+
+
+def test_load_errors_name_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"python -m normlab run nothing_here --profile cpu"):
+        results.load("nothing_here")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cpu.json").write_text('{"runs": [')
+    with pytest.raises(ValueError, match="not valid JSON.*delete it and rerun"):
+        results.load("broken")
+
+
+def test_cli_list_run_show(slow_exp, capsys):
+    assert main(["list"]) == 0
+    assert "signal_propagation" in capsys.readouterr().out
+    assert main(["run", "extexp.slowexp", "--profile", "cpu", "--no-progress"]) == 0
+    assert main(["show", "extexp.slowexp", "--profile", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "extexp.slowexp / cpu: 2 runs" in out and "square=1" in out
+
+
+def test_cli_errors(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    assert main(["run", "no_such_experiment"]) == 2
+    assert "unknown experiment 'no_such_experiment'" in capsys.readouterr().err
+    assert main(["show", "signal_propagation"]) == 2
+    assert "python -m normlab run signal_propagation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "signal_propagation", "--profile", "huge"])
