@@ -36,9 +36,10 @@ run: venv
 	$(PY) -m normlab run $(EXP) --profile $(PROFILE)
 
 notebooks: venv
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 \
-	    --ExecutePreprocessor.record_timing=False $(NB)
+	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter-execute --inplace --kernel_name=python3 \
+	    --timeout=1200 $(NB)
+	$(PY) -c "import sys, nbformat; [nbformat.write(nb, p) for p in sys.argv[1:] for nb in [nbformat.read(p, 4)] \
+	    if [c.metadata.pop('execution', None) for c in nb.cells] is not None]" $(NB)
 
 clean:
 	rm -rf _build
