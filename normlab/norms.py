@@ -227,6 +227,13 @@ class _BatchNorm(_NormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         self._check_channels(x, 1)
+        if self.training:  # validate before touching any state
+            if x.numel() // x.shape[1] == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input of shape "
+                    f"{_shape(x)}; use a batch of >=2 samples, eval mode, or GroupNorm/LayerNorm")
+            if self.eps <= 0:
+                raise ValueError(f"{type(self).__name__}: eps must be positive when training, got {self.eps}")
         factor = self._factor()
         # Batch statistics in training, and in eval when there are no running buffers (as torch).
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
@@ -234,14 +241,6 @@ class _BatchNorm(_NormBase):
         xf = _opmath(x)
         view = [1, -1] + [1] * (x.dim() - 2)
         if use_batch:
-            if self.training:
-                n_per_channel = x.numel() // x.shape[1]
-                if n_per_channel == 1:
-                    raise ValueError(
-                        f"Expected more than 1 value per channel when training, got input of shape "
-                        f"{_shape(x)}; use a batch of >=2 samples, eval mode, or GroupNorm/LayerNorm")
-                if self.eps <= 0:
-                    raise ValueError(f"{type(self).__name__}: eps must be positive when training, got {self.eps}")
             dims = [0] + list(range(2, x.dim()))
             mean, var = self.batch_stats(xf, dims)
             if update:
