@@ -78,6 +78,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared result folders unreadable to others
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=False)
             f.write("\n")

@@ -7,7 +7,8 @@ Three studies on a character-level GPT-style model (`normlab.models.transformer.
    the measurement of Xiong et al.'s Figure 3.
 2. `train`: Adam ($\\beta_2 = 0.98$) with and without a linear learning-rate warmup at several peak
    learning rates, post vs pre (and pre-LN with RMSNorm), same number of steps.
-3. `depth`: post vs pre as depth grows, at one learning rate and no warmup.
+3. `depth`: post vs pre as depth grows, at one learning rate and no warmup (the train study's depth
+   comes from the train study's runs at that learning rate).
 
 Data: Tiny Shakespeare, characters as tokens, the first 90% for training and the last 10% for
 validation; losses are in nats per character.
@@ -20,12 +21,10 @@ import math
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from normlab.models.transformer import Transformer
 from normlab.utils import seed_all
-
-_MODEL = {"d_model": 64, "n_heads": 4, "context": 64}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -34,25 +33,26 @@ PROFILES: dict[str, dict[str, Any]] = {
         "grad_at_init": {"depths": [2, 4], "placements": ["post", "pre"], "seeds": [0], "batches": 2},
         "train": {"depth": 2, "steps": 12, "lrs": [1e-3, 3e-3], "warmup_steps": [0, 4], "seeds": [0],
                   "rmsnorm_lines": True, "eval_every": 6, "log_every": 3},
-        "depth": {"depths": [1, 2], "lr": 3e-3, "steps": 6, "seeds": [0], "eval_every": 6, "log_every": 3},
+        "depth": {"depths": [1, 3], "lr": 3e-3, "steps": 12, "seeds": [0], "eval_every": 6, "log_every": 3},
     },
+    # ~30 min on one busy core of a shared 2-core machine; the sizes were set by measuring tokens/s first
     "cpu": {
-        "model": _MODEL,
-        "batch_size": 32, "val_fraction": 0.1, "eval_windows": 512,
-        "grad_at_init": {"depths": [6, 12], "placements": ["post", "pre"], "seeds": [0, 1, 2], "batches": 8},
-        "train": {"depth": 6, "steps": 600, "lrs": [1e-3, 3e-3], "warmup_steps": [0, 100], "seeds": [0],
+        "model": {"d_model": 64, "n_heads": 4, "context": 64},
+        "batch_size": 16, "val_fraction": 0.1, "eval_windows": 256,
+        "grad_at_init": {"depths": [6, 12, 24], "placements": ["post", "pre"], "seeds": [0, 1, 2, 3, 4],
+                         "batches": 8},
+        "train": {"depth": 6, "steps": 300, "lrs": [1e-3, 3e-3], "warmup_steps": [0, 50], "seeds": [0],
                   "rmsnorm_lines": True, "eval_every": 50, "log_every": 10},
-        "depth": {"depths": [2, 6, 12], "lr": 3e-3, "steps": 600, "seeds": [0], "eval_every": 100,
-                  "log_every": 20},
+        "depth": {"depths": [2, 12], "lr": 1e-3, "steps": 300, "seeds": [0], "eval_every": 50, "log_every": 10},
     },
     "full": {
         "model": {"d_model": 256, "n_heads": 8, "context": 256},
-        "batch_size": 64, "val_fraction": 0.1, "eval_windows": 2048,
+        "batch_size": 64, "val_fraction": 0.1, "eval_windows": 1024,
         "grad_at_init": {"depths": [6, 12, 24], "placements": ["post", "pre"], "seeds": [0, 1, 2, 3, 4],
                          "batches": 16},
-        "train": {"depth": 6, "steps": 3000, "lrs": [5e-4, 1e-3, 2e-3], "warmup_steps": [0, 500],
-                  "seeds": [0, 1], "rmsnorm_lines": True, "eval_every": 100, "log_every": 20},
-        "depth": {"depths": [3, 6, 12, 24], "lr": 1e-3, "steps": 3000, "seeds": [0], "eval_every": 250,
+        "train": {"depth": 6, "steps": 2000, "lrs": [5e-4, 1e-3, 3e-3], "warmup_steps": [0, 300], "seeds": [0],
+                  "rmsnorm_lines": True, "eval_every": 100, "log_every": 20},
+        "depth": {"depths": [3, 12, 24], "lr": 1e-3, "steps": 2000, "seeds": [0], "eval_every": 250,
                   "log_every": 50},
     },
 }
@@ -78,6 +78,8 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             for seed in t["seeds"]:
                 out.append({"study": "train", "placement": "pre", "norm": "rmsnorm", "depth": t["depth"],
                             "lr": lr, "warmup_steps": 0, "seed": seed})
+    # The depth study at the train study's depth is the train study's run with the same lr and no warmup;
+    # list such a depth in `depths` only if `lr` is not one of the train study's learning rates.
     d = config["depth"]
     for depth in d["depths"]:
         for placement in ("post", "pre"):
@@ -229,3 +231,19 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
     if run["study"] in ("train", "depth"):
         return train(run, config, device, progress)
     raise ValueError(f"unknown study {run['study']!r}; expected grad_at_init, train or depth")
+
+
+# --------------------------------------------------------------------------------- reading a record
+
+def depth_runs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The depth study's runs, with the train study's runs at the depth study's lr (no warmup, LayerNorm)
+    filling in the train study's depth — sorted by depth."""
+    d = record["config"]["depth"]
+    out = [r for r in record["runs"] if r["config"]["study"] == "depth"]
+    have = {(r["config"]["depth"], r["config"]["placement"], r["seed"]) for r in out}
+    for r in record["runs"]:
+        c = r["config"]
+        if (c["study"] == "train" and c["lr"] == d["lr"] and c["warmup_steps"] == 0 and c["norm"] == "layernorm"
+                and (c["depth"], c["placement"], r["seed"]) not in have):
+            out.append(r)
+    return sorted(out, key=lambda r: (r["config"]["depth"], r["config"]["placement"], r["seed"]))

@@ -23,10 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-try:  # TEMP until normlab.norms lands
-    from normlab.norms import LayerNorm, RMSNorm
-except ImportError:
-    from torch.nn import LayerNorm, RMSNorm
+from normlab.norms import LayerNorm, RMSNorm
 
 PLACEMENTS = ("post", "pre")
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
@@ -104,7 +101,8 @@ class Transformer(nn.Module):
     a final norm (pre-LN only), and a linear head to next-token logits.
 
     Initialization follows Xiong et al. (2020): Xavier-uniform {cite}`glorot2010understanding` for every
-    linear weight, zero biases, norms at identity; embeddings N(0, 0.02²) as in GPT-2.
+    linear weight, zero biases, norms at identity; embeddings N(0, `embedding_std`²), 0.02 as in GPT-2
+    (Vaswani et al. scale theirs to unit variance: `embedding_std=1`).
     """
 
     def __init__(
@@ -117,6 +115,7 @@ class Transformer(nn.Module):
         context: int = 128,
         placement: str = "pre",
         norm: str = "layernorm",
+        embedding_std: float = 0.02,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_heads", n_heads),
@@ -129,7 +128,7 @@ class Transformer(nn.Module):
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.vocab_size, self.d_model, self.n_heads, self.depth, self.d_ff, self.context = (
             vocab_size, d_model, n_heads, depth, d_ff, context)
-        self.placement, self.norm = placement, norm
+        self.placement, self.norm, self.embedding_std = placement, norm, embedding_std
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, placement, norm) for _ in range(depth))
@@ -145,7 +144,7 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=self.embedding_std)
             elif isinstance(m, tuple(NORMS.values())):
                 m.reset_parameters()  # gain 1, bias 0
         for m in self.modules():
@@ -180,7 +179,7 @@ def num_params(model: nn.Module) -> int:
 
 def param_count_formula(vocab_size: int, d_model: int, depth: int, d_ff: int, context: int,
                         placement: str, norm: str) -> int:
-    """The parameter count in closed form (biases included):
+    r"""The parameter count in closed form (biases included):
 
     per block $4d^2 + 4d$ (attention) $+ 2 d\,d_{ff} + d_{ff} + d$ (FFN) $+ 2\,n_{norm}$, with
     $n_{norm} = 2d$ for LayerNorm (gain and bias) and $d$ for RMSNorm (gain only); plus $Vd + Td$
@@ -193,16 +192,17 @@ def param_count_formula(vocab_size: int, d_model: int, depth: int, d_ff: int, co
 
 
 def flops_per_token(model: Transformer, context: int | None = None) -> dict[str, int]:
-    """Forward FLOPs per token, counting a multiply-add as 2 (Kaplan et al., 2020):
-    $2N_{\\text{matmul}}$ for the weight matrices (embeddings are look-ups, norms are O(d)) plus
-    $2 \\cdot 2\\,L\\,T\\,d$ for $QK^\\top$ and $AV$ at context $T$ (causal masking halves the useful part;
+    r"""Forward FLOPs per token, counting a multiply-add as 2 (Kaplan et al., 2020):
+    $2N_{\text{matmul}}$ for the weight matrices (embeddings are look-ups, norms are O(d)) plus
+    $2 \cdot 2\,L\,T\,d$ for $QK^\top$ and $AV$ at context $T$ (causal masking halves the useful part;
     we count the dense work that is done). Training costs about 3× the forward pass.
     """
     T = model.context if context is None else context
     L, d, dff, V = model.depth, model.d_model, model.d_ff, model.vocab_size
-    matmul = L * (4 * d * d + 2 * d * dff) + d * V
-    forward = 2 * matmul + 4 * L * T * d
-    return {"forward": forward, "train": 3 * forward}
+    matmul = 2 * (L * (4 * d * d + 2 * d * dff) + d * V)
+    attention = 4 * L * T * d
+    return {"matmul": matmul, "attention": attention, "forward": matmul + attention,
+            "train": 3 * (matmul + attention)}
 
 
 def describe(model: Transformer) -> str:
