@@ -3,8 +3,8 @@
 In eval mode BatchNorm {cite}`ioffe2015batch` normalizes with its running statistics, so per channel $c$
 it is a fixed affine map
 
-$$\\mathrm{BN}(z)_c = \\gamma_c \\frac{z_c - \\mu_c}{\\sqrt{\\sigma_c^2 + \\epsilon}} + \\beta_c = s_c z_c + (\\beta_c - s_c \\mu_c),
-\\qquad s_c = \\frac{\\gamma_c}{\\sqrt{\\sigma_c^2 + \\epsilon}} .$$
+$$\\mathrm{BN}(z)_c = \\gamma_c \\frac{z_c - \\mu_c}{\\sqrt{\\sigma_c^2 + \\epsilon}} + \\beta_c
+  = s_c z_c + (\\beta_c - s_c \\mu_c), \\qquad s_c = \\frac{\\gamma_c}{\\sqrt{\\sigma_c^2 + \\epsilon}} .$$
 
 When $z = W * x + b$ comes from a conv or linear layer whose output channel $c$ is BN's channel $c$, the
 two affine maps compose into one layer (the "folding" of {cite}`jacob2018quantization`, Sec. 3.2):
@@ -18,10 +18,12 @@ model's `torch.fx` graph and returns a folded copy. Decisions, documented once h
   (a `torch.fx.GraphModule`) is returned **in eval mode**. A model in training mode is accepted and
   gives the same eval-mode copy, because folding is only defined for the eval-mode computation (running
   statistics); the caller's model keeps its training flag.
+- The model is traced with `torch.fx`, treating every module without submodules as a leaf.
 - Only exact module types are folded (`nn.Conv1d/2d/3d`, `nn.ConvTranspose1d/2d/3d`, `nn.Linear`, and
   `nn.BatchNorm1d/2d/3d`, `nn.SyncBatchNorm`, normlab's `BatchNorm1d/2d`): a subclass may override
   `forward` (weight standardization, a parametrization), and then the formula above would be wrong.
-- A pair is folded only when the layer's output has no other user and the layer is called once.
+- A pair is folded only when the layer's output has no other user, the layer is called once, and
+  `forward` does not also read the layer's parameters directly (`self.conv.weight`).
 - A BN with `track_running_stats=False` normalizes every batch with its own statistics even in eval
   mode: it is not a fixed affine map and is left in place with a warning. (`momentum=None`, the
   cumulative average, changes nothing here: the running statistics are used either way.)
@@ -52,6 +54,7 @@ __all__ = [
     "fold_batchnorm",
     "explain_folding",
     "count_batchnorms",
+    "is_batchnorm",
 ]
 
 
@@ -119,7 +122,8 @@ def fold_weights(
 
     `bias=None` counts as zero, `gamma`/`beta=None` (BN `affine=False`) as 1/0. The arithmetic runs in
     `compute_dtype` (float64 by default, so the only rounding is the final cast back to `weight.dtype`;
-    `None` computes in `weight.dtype`). Returns plain tensors `(weight, bias)`.
+    `None` computes in `weight.dtype`; pass `torch.float32` on devices without float64, such as MPS).
+    Returns plain tensors `(weight, bias)`.
     """
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
@@ -230,15 +234,28 @@ def _as_tuple(example_inputs: Any) -> tuple:
     raise ValueError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx's tracer, but every module without submodules is a leaf (called, not traced into).
+
+    Folding only looks at module calls, and a childless module contains none, so nothing is lost; what is
+    gained is that layers with input checks in `forward` (normlab's norms raise `ValueError` on a bad shape,
+    which fx cannot trace) still appear as one node.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or next(m.children(), None) is None
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     try:
-        return torch.fx.symbolic_trace(model)
+        graph = _LayerTracer().trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
         raise ValueError(
             f"fold_batchnorm needs a model torch.fx can trace, and tracing {type(model).__name__} failed "
             f"({type(e).__name__}: {e}); fold its traceable submodules instead (e.g. model.features), "
             "or make the data-dependent control flow static"
         ) from e
+    return torch.fx.GraphModule(model, graph, type(model).__name__)
 
 
 def _output_rank(node: torch.fx.Node) -> int | None:
@@ -247,7 +264,8 @@ def _output_rank(node: torch.fx.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def _fold(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphModule, list[FoldDecision]]:
+def _fold(model: nn.Module, example_inputs: Any = None,
+          compute_dtype: torch.dtype | None = torch.float64) -> tuple[torch.fx.GraphModule, list[FoldDecision]]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
     inputs = _as_tuple(example_inputs)
@@ -260,9 +278,12 @@ def _fold(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphM
             ShapeProp(gm).propagate(*inputs)
     modules = dict(gm.named_modules())
     calls: dict[int, int] = {}  # id(module) -> number of call sites; a layer called twice can't be changed
+    read: set[str] = set()  # modules whose parameters forward() also reads directly (`self.conv.weight`)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[id(modules[node.target])] = calls.get(id(modules[node.target]), 0) + 1
+        elif node.op == "get_attr" and "." in node.target:
+            read.add(node.target.rsplit(".", 1)[0])
     bn_types = _bn_types()
 
     decisions: list[FoldDecision] = []
@@ -289,6 +310,8 @@ def _fold(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphM
             leave(f"the layer's output is also used by {others}, which must see the unnormalized values")
         elif calls[id(layer)] > 1:
             leave("the layer is called more than once; changing its weights would change the other calls")
+        elif prev.target in read:
+            leave("forward() also reads the layer's parameters directly; they must keep their values")
         elif spatial == 0 and rank is None:
             leave("Linear+BatchNorm1d is foldable only on (N, C) input, and the shapes are unknown: "
                   "pass example_inputs to fold_batchnorm")
@@ -304,7 +327,8 @@ def _fold(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphM
                                 bn.running_mean, bn.running_var, bn.eps,
                                 None if bn.weight is None else bn.weight.detach(),
                                 None if bn.bias is None else bn.bias.detach(),
-                                transposed=transposed, groups=getattr(layer, "groups", 1))
+                                transposed=transposed, groups=getattr(layer, "groups", 1),
+                                compute_dtype=compute_dtype)
             # New Parameters (not in-place edits): a weight tied to another module keeps its old value there.
             layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
             layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
@@ -317,7 +341,9 @@ def _fold(model: nn.Module, example_inputs: Any = None) -> tuple[torch.fx.GraphM
     return gm.eval(), decisions
 
 
-def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.fx.GraphModule:
+def fold_batchnorm(model: nn.Module,
+                   example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                   compute_dtype: torch.dtype | None = torch.float64) -> torch.fx.GraphModule:
     """A copy of `model`, in eval mode, with every foldable BatchNorm folded into the layer before it.
 
     Each eval-mode `BN(W * x + b)` with `W * x + b` from a `Conv1d/2d/3d`, `ConvTranspose1d/2d/3d`
@@ -325,23 +351,31 @@ def fold_batchnorm(model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     `W' = s W`, `b' = s (b − μ) + β`, $s = \\gamma/\\sqrt{\\sigma^2 + \\epsilon}$ {cite}`jacob2018quantization`.
     The model is traced with `torch.fx` (it must be traceable). `example_inputs` (a tensor or tuple),
     if given, is run once for shapes; it is needed to fold `Linear + BatchNorm1d` (valid only on
-    `(N, C)` input). The input model is never modified and keeps its training flag; BatchNorms that
+    `(N, C)` input). The input model is never modified and keeps its training flag; a model in training
+    mode gives the same eval-mode copy (the fold is defined by the running statistics). BatchNorms that
     follow a layer but cannot be folded are left in place with a `FoldWarning` saying why (see
-    `explain_folding` for every decision).
+    `explain_folding` for every decision). `compute_dtype` is the dtype of the folding arithmetic
+    (float64 by default; `None` = each layer's own dtype), see `fold_weights`.
     """
-    gm, decisions = _fold(model, example_inputs)
+    gm, decisions = _fold(model, example_inputs, compute_dtype)
     for d in decisions:
         if not d.folded and d.layer is not None:
-            warnings.warn(f"BatchNorm {d.bn!r} after {d.layer!r} left in place: {d.reason}", FoldWarning, stacklevel=2)
+            warnings.warn(f"BatchNorm {d.bn!r} after {d.layer!r} left in place: {d.reason}", FoldWarning,
+                          stacklevel=2)
     return gm
 
 
-def explain_folding(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[FoldDecision]:
+def explain_folding(model: nn.Module,
+                    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[FoldDecision]:
     """What `fold_batchnorm(model, example_inputs)` would do with each BatchNorm call, and why (no warnings)."""
     return _fold(model, example_inputs)[1]
 
 
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether `module` is a BatchNorm (torch's, any subclass, or normlab's)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, *_bn_types()))
+
+
 def count_batchnorms(model: nn.Module) -> int:
     """Number of BatchNorm modules (torch's or normlab's) in `model`."""
-    types = tuple(_bn_types()) + (nn.modules.batchnorm._BatchNorm,)
-    return sum(isinstance(m, types) for m in model.modules())
+    return sum(is_batchnorm(m) for m in model.modules())

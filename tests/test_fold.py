@@ -67,6 +67,11 @@ def check_folds(model: nn.Module, x: torch.Tensor, expect_left: int = 0, tol: fl
 
 # --- the pure function --------------------------------------------------------------------------------
 
+def bn_eval(bn, z):
+    """Eval-mode BatchNorm over dim 1 of any rank (the reference the folded layers must match)."""
+    return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 def _bn(c, affine=True, dtype=torch.float64, seed=0):
     bn = randomize_bn(nn.BatchNorm1d(c, affine=affine, eps=1e-3), seed).to(dtype).eval()
     return bn
@@ -94,7 +99,7 @@ def test_fold_weights_matches_layer_then_bn(kind, dtype, tol):
     layer, x = layer.to(dtype), x.to(dtype)
     bn = _bn(6, affine=affine, dtype=dtype)
     z = layer(x)
-    ref = F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    ref = bn_eval(bn, z)
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     w, b = fold_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias,
                         transposed=transposed, groups=getattr(layer, "groups", 1))
@@ -129,11 +134,11 @@ def test_torch_transposed_fusion_differs_for_groups():
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     w, b = fold_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias,
                         transposed=True, groups=2)
-    assert rel_err(F.conv_transpose2d(x, w, b, groups=2), bn(layer(x))) < 1e-12
+    assert rel_err(F.conv_transpose2d(x, w, b, groups=2), bn_eval(bn, layer(x))) < 1e-12
     # scaling columns by the first out/groups scales only (a groups-blind layout) is wrong:
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     wrong = layer.weight * s[:3].reshape(1, 3, 1, 1)
-    assert rel_err(F.conv_transpose2d(x, wrong, b, groups=2), bn(layer(x))) > 1e-3
+    assert rel_err(F.conv_transpose2d(x, wrong, b, groups=2), bn_eval(bn, layer(x))) > 1e-3
 
 
 # --- BN before a layer ------------------------------------------------------------------------------------
@@ -274,6 +279,21 @@ def test_layer_called_twice_is_not_folded():
         check_folds(model, torch.randn(2, 4, 8, 8), expect_left=2, tol=1e-7)
 
 
+class ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum()  # the raw weight is used elsewhere
+
+
+def test_layer_whose_weight_is_read_elsewhere_is_not_folded():
+    model = randomize_bn(ReadsWeight()).eval()
+    with pytest.warns(FoldWarning, match="reads the layer's parameters"):
+        check_folds(model, torch.randn(2, 4, 8, 8), expect_left=1, tol=1e-7)
+
+
 def test_untracked_bn_is_left_with_a_warning():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
@@ -357,3 +377,29 @@ def test_normlab_batchnorm_and_resnet20():
     for norm_layer in (nn.BatchNorm2d, norms.BatchNorm2d):
         net = randomize_bn(resnet.resnet20(norm_layer=norm_layer)).eval()
         check_folds(net, torch.randn(2, 3, 32, 32))
+
+
+# --- the benchmark experiment ------------------------------------------------------------------------------
+
+def test_bn_fold_speed_experiment_runs_and_checks_equivalence():
+    from normlab.experiments import bn_fold_speed as exp
+
+    assert set(exp.PROFILES) == {"smoke", "cpu", "full"}
+    config = {**exp.PROFILES["smoke"], "models": ["resnet20"], "repeats": 1, "warmup": 0}
+    (run,) = exp.runs(config)
+    threads = torch.get_num_threads()
+    m = exp.run_one(run, config, device=torch.device("cpu"))["metrics"]
+    assert torch.get_num_threads() == threads  # restored
+    assert m["bn_before"] == 19 and m["bn_after_fold"] == 0 and m["bn_after_fx_fuse"] == 0
+    assert m["max_rel_err_fold"] <= 1e-5 and m["max_rel_err_fx_fuse"] <= 1e-5
+    assert m["fold_over_unfolded"] == pytest.approx(m["fold_median_ms"] / m["unfolded_median_ms"])
+    assert 0 < m["bn_time_share"] < 1
+    with pytest.raises(ValueError, match="unknown model"):
+        exp.build_model("resnet1000")
+
+
+def test_precision_study_float32_rows():
+    from normlab.experiments import bn_fold_speed as exp
+
+    rows = exp.precision_study(dtypes=("float32",), batch=2)
+    assert len(rows) == 4 and all(r["rel_err"] <= 1e-5 for r in rows)
