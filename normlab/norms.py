@@ -86,6 +86,20 @@ def _shape(x: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _register_affine(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
+    """Register `weight` and `bias` as torch.nn's norms do: parameters, or `None` when switched off."""
+    module.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
+    module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
+
+
+def _reset_affine(module: nn.Module) -> None:
+    """$\\gamma = 1$, $\\beta = 0$: the norm starts as a pure standardization."""
+    if module.weight is not None:
+        init.ones_(module.weight)
+    if module.bias is not None:
+        init.zeros_(module.bias)
+
+
 class _NormBase(nn.Module):
     """Parameters and buffers shared by BatchNorm and InstanceNorm, named and initialised as torch's.
 
@@ -110,15 +124,7 @@ class _NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, num_features, affine, bias, factory)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -139,10 +145,7 @@ class _NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Running statistics reset; $\\gamma = 1$, $\\beta = 0$."""
         self.reset_running_stats()
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
+        _reset_affine(self)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -374,22 +377,11 @@ class LayerNorm(nn.Module):
         self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_trailing(self, x, self.normalized_shape)
@@ -433,22 +425,11 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _register_affine(self, num_channels, affine, bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            init.ones_(self.weight)
-            if self.bias is not None:
-                init.zeros_(self.bias)
+        _reset_affine(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2:
