@@ -19,7 +19,7 @@ with less noise). Both keep the `torch.nn.BatchNorm2d` state_dict (`weight`, `bi
 `running_var`, `num_batches_tracked`), so a trained model loads into a plain BatchNorm2d for testing.
 
 `recompute_batchnorm_stats` is "precise BN": after training, re-estimate the population statistics
-with large batches (Wu & Johnson, 2021; Summers & Dinneen {cite}`summers2020four`). Comparing test
+with large batches (Wu & Johnson {cite}`wu2021rethinking`; Summers & Dinneen {cite}`summers2020four`). Comparing test
 error with the running averages and with recomputed statistics separates the two ways small batches
 hurt BN: noisy statistics *during training* and a train/test mismatch of the averages.
 """
@@ -41,21 +41,29 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             BatchNorm2d. The batch size must be a multiple of k.
         running_stats: "mean" (average the k workers' statistics, then one EMA update per step) or
             "worker0" (update with the first chunk's statistics only, like the paper's worker 0).
+        impl: "formula" computes the equations above with tensor ops (the readable reference);
+            "fused" gives the same numbers 2-3x faster on CPU by running torch's fused batch-norm
+            kernel on the batch rearranged to (N, k*C, H, W), i.e. worker g's channel c becomes
+            channel g*C + c (tested equal to "formula").
         eps, momentum, affine, track_running_stats: as in `torch.nn.BatchNorm2d` (momentum=None is a
             cumulative moving average).
     """
 
     def __init__(self, num_features: int, num_workers: int = 1, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 running_stats: Literal["mean", "worker0"] = "mean", device=None, dtype=None):
+                 running_stats: Literal["mean", "worker0"] = "mean", impl: Literal["formula", "fused"] = "formula",
+                 device=None, dtype=None):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         if running_stats not in ("mean", "worker0"):
             raise ValueError(f"running_stats must be 'mean' or 'worker0', got {running_stats!r}")
+        if impl not in ("formula", "fused"):
+            raise ValueError(f"impl must be 'formula' or 'fused', got {impl!r}")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
         self.num_workers = num_workers
         self.running_stats = running_stats
+        self.impl = impl
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_workers={self.num_workers}, running_stats={self.running_stats}"
@@ -90,6 +98,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         n = b // k
         if n * h * w < 2:
             raise ValueError(f"each worker sees {n * h * w} value(s) per channel; BatchNorm needs at least 2")
+        if self.impl == "fused":
+            return self._forward_fused(x, k, n)
         xg = x.view(k, n, c, h, w)
         mean, var = self.batch_stats(xg)
         y = (xg - mean) * torch.rsqrt(var + self.eps)
@@ -99,6 +109,23 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), n * h * w)
         return y.view(b, c, h, w)
+
+    def _forward_fused(self, x: torch.Tensor, k: int, n: int) -> torch.Tensor:
+        b, c, h, w = x.shape
+        xr = x if k == 1 else x.view(k, n, c, h, w).transpose(0, 1).reshape(n, k * c, h, w)
+        weight = bias = None
+        if self.affine:
+            weight, bias = self.weight.repeat(k), self.bias.repeat(k)
+        update = self.training and self.track_running_stats
+        # momentum=1 makes the kernel write this batch's per-(worker, channel) mean and *unbiased*
+        # variance into the scratch buffers, which we then combine over workers ourselves
+        mean_buf = torch.zeros(k * c, device=x.device, dtype=x.dtype) if update else None
+        var_buf = torch.ones(k * c, device=x.device, dtype=x.dtype) if update else None
+        y = torch.nn.functional.batch_norm(xr, mean_buf, var_buf, weight, bias, True, 1.0, self.eps)
+        if update:
+            count = n * h * w  # undo the unbiasing so _update_running_stats sees the biased variance
+            self._update_running_stats(mean_buf.view(k, c), var_buf.view(k, c) * ((count - 1) / count), count)
+        return y if k == 1 else y.view(n, k, c, h, w).transpose(0, 1).reshape(b, c, h, w)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

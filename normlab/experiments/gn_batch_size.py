@@ -1,0 +1,235 @@
+"""GN vs BN across images per worker N (Wu & He 2018, Fig. 1 / Table 2) on CIFAR-10 with per-worker BN.
+
+Protocol (the paper's, scaled down; see the chapter `07_gn_vs_bn_batch_size` for every difference):
+
+- k emulated workers (`workers`, 8 in the paper), each with N images: an SGD batch of k*N whose
+  BatchNorm statistics are computed per worker (`normlab.ghost_bn.GhostBatchNorm2d`), not
+  synchronized; the running averages of the k workers are averaged each step (`bn_running_stats`).
+- Linear learning-rate scaling {cite}`goyal2017accurate`: lr = `base_lr` * N / 32 (0.1*N/32 in the
+  paper, whose k=8 workers make that 0.1 per 256 images), the same number of epochs for every N (so small N takes more steps, as in the paper),
+  SGD momentum 0.9, weight decay 1e-4, gamma=0 init of each block's last norm, GN with `gn_groups`
+  groups (8 here: CIFAR ResNets have 16 channels in the first stage, so the paper's G=32 cannot divide
+  them; 8 groups of 2/4/8 channels).
+- BN is evaluated with the running averages (as in the paper) and, additionally, with "precise"
+  statistics recomputed after training on `precise_bn_images` training images in batches of
+  `precise_bn_batch` (`test_error_precise_bn`): the gap between the two is the train/test mismatch of
+  the running averages, what is left is the cost of noisy statistics during training.
+
+One run per (norm, N, seed). Metrics: `test_error` (percent), `train_error` (last epoch, on the
+augmented batches in train mode), `test_loss`, `steps`, `lr`, and for BN `test_error_precise_bn`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
+from ..models.resnet import CIFARResNet
+from ..train import Trainer, TrainConfig
+from ..utils import seed_all
+
+_COMMON: dict[str, Any] = {
+    "dataset": "cifar10",          # or "fashion_mnist"
+    "norms": ["bn", "gn"],
+    "batch_sizes": [32, 16, 8, 4, 2],   # N, images per worker
+    "workers": 8,                  # k
+    "base_lr": 0.1,                # the learning rate at N=32, scaled linearly with N (k is fixed)
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "schedule": "cosine",
+    "warmup_epochs": 0.0,
+    "zero_init_residual": True,
+    "gn_groups": 8,
+    "bn_momentum": 0.1,
+    "bn_running_stats": "mean",    # "mean" over workers, or "worker0" (the paper's Caffe2 checkpoints)
+    "norm_impl": "fused",          # "fused": torch kernels (fast, same numbers); "normlab": from-scratch norms
+    "shortcut": "A",
+    "precise_bn_images": 4096,
+    "precise_bn_batch": 256,
+    "subset_seed": 1234,           # which training/test subset (fixed across seeds: paired comparisons)
+    "image_size": 32,              # 16: CIFAR-10 downsampled 2x (box filter), 3-4x cheaper on a CPU
+    "padding": 4,                  # random-crop padding (scaled with the image: 2 at 16x16)
+    "batch_size_order": [32, 2, 8, 16, 4],  # run order within a seed: the decisive pair first
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {**_COMMON, "batch_sizes": [8, 2], "batch_size_order": [8, 2], "workers": 2, "depth": 8,
+              "width": 8, "epochs": 1, "train_subset": 128, "test_subset": 128, "seeds": [0],
+              "precise_bn_images": 64, "precise_bn_batch": 32, "image_size": 16, "padding": 2},
+    "cpu": {**_COMMON, "depth": 8, "width": 16, "workers": 4, "epochs": 5, "train_subset": 10000,
+            "test_subset": None, "seeds": [0, 1, 2], "image_size": 16, "padding": 2},
+    "full": {**_COMMON, "depth": 20, "width": 16, "epochs": 30, "train_subset": None, "test_subset": None,
+             "seeds": [0, 1, 2], "precise_bn_images": 10000},
+}
+
+
+def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One run per (norm, N, seed), BN and GN interleaved so a partial sweep is still a comparison."""
+    order = [n for n in config.get("batch_size_order", []) if n in config["batch_sizes"]]
+    order += [n for n in config["batch_sizes"] if n not in order]
+    return [{"norm": norm, "batch_size": n, "seed": seed}
+            for seed in config["seeds"] for n in order for norm in config["norms"]]
+
+
+_DATA_CACHE: dict[tuple, tuple] = {}
+
+
+def load_data(config: dict[str, Any]):
+    """(train_x, train_y, test_x, test_y, source): uint8 images, fixed random subsets (cached per process)."""
+    key = (config["dataset"], config["train_subset"], config["test_subset"], config["subset_seed"],
+           config["image_size"])
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = _load_data(config)
+    return _DATA_CACHE[key]
+
+
+def _load_data(config: dict[str, Any]):
+    from .. import data
+
+    if config["dataset"] == "cifar10":
+        split = data.cifar10()
+    elif config["dataset"] == "fashion_mnist":
+        split = data.fashion_mnist()
+    else:
+        raise ValueError(f"dataset must be 'cifar10' or 'fashion_mnist', got {config['dataset']!r}")
+    g = torch.Generator().manual_seed(config["subset_seed"])
+
+    def subset(x, y, n):
+        if n is None or n >= len(x):
+            return x, y
+        idx = torch.randperm(len(x), generator=g)[:n]
+        return x[idx], y[idx]
+
+    trx, try_ = subset(split.train_images, split.train_labels, config["train_subset"])
+    tex, tey = subset(split.test_images, split.test_labels, config["test_subset"])
+    if trx.shape[-1] == 28:  # Fashion-MNIST is 28x28: pad to 32 so the CIFAR ResNet's stages line up
+        trx, tex = (torch.nn.functional.pad(t, (2,) * 4) for t in (trx, tex))
+    size = config["image_size"]
+    if size != trx.shape[-1]:  # box-filter downsampling ("area"), rounded back to uint8
+        if trx.shape[-1] % size:
+            raise ValueError(f"image_size {size} must divide the image size {trx.shape[-1]}")
+        trx, tex = (torch.nn.functional.interpolate(t.float(), size=(size, size), mode="area")
+                    .round().clamp(0, 255).to(torch.uint8) for t in (trx, tex))
+    source = split.source + (f", downsampled to {size}x{size}" if size != split.train_images.shape[-1] else "")
+    return trx, try_, tex, tey, source
+
+
+def norm_layer(norm: str, config: dict[str, Any]):
+    """`norm_layer(channels)` for the ResNet: per-worker BN over `workers` chunks, or GroupNorm."""
+    impl = config["norm_impl"]
+    if impl not in ("fused", "normlab"):
+        raise ValueError(f"norm_impl must be 'fused' or 'normlab', got {impl!r}")
+    if norm == "bn":
+        return ghost_batch_norm(config["workers"], momentum=config["bn_momentum"],
+                                running_stats=config["bn_running_stats"],
+                                impl="fused" if impl == "fused" else "formula")
+    if norm == "gn":
+        groups = config["gn_groups"]
+        if impl == "normlab":
+            from ..norms import GroupNorm
+        else:
+            GroupNorm = nn.GroupNorm
+
+        def gn(channels: int) -> nn.Module:
+            if channels % groups:
+                raise ValueError(f"gn_groups={groups} does not divide {channels} channels")
+            return GroupNorm(groups, channels)
+        return gn
+    raise ValueError(f"norm must be 'bn' or 'gn', got {norm!r}")
+
+
+def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
+    k, n = config["workers"], run["batch_size"]
+    return TrainConfig(epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32,
+                       momentum=config["momentum"], weight_decay=config["weight_decay"],
+                       schedule=config["schedule"], warmup_epochs=config["warmup_epochs"],
+                       eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],
+                       padding=config["padding"])
+
+
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
+    trx, try_, tex, tey, source = load_data(config)
+    seed_all(run["seed"])  # model initialization
+    model = CIFARResNet(config["depth"], num_classes=10, norm_layer=norm_layer(run["norm"], config),
+                        width=config["width"], shortcut=config["shortcut"],
+                        zero_init_residual=config["zero_init_residual"], in_channels=trx.shape[1])
+    tc = train_config(run, config)
+    trainer = Trainer(model, trx, try_, tc, tex, tey, device=device)
+    history = trainer.fit(progress=progress, desc=f"{run['norm']} N={run['batch_size']} seed={run['seed']}")
+    last = history[-1]
+    metrics: dict[str, Any] = {
+        "test_error": last["test_error"], "test_loss": last["test_loss"], "train_error": last["train_error"],
+        "train_loss": last["train_loss"], "steps": trainer.step_count, "lr": tc.lr,
+        "total_batch": tc.batch_size, "diverged": bool(last.get("diverged", False)), "data": source,
+    }
+    if run["norm"] == "bn":  # precise BN: population statistics recomputed after training
+        n = min(config["precise_bn_images"], len(trx))
+        batches = ((trx[i: i + config["precise_bn_batch"]].to(trainer.device).float() - trainer.mean) / trainer.std
+                   for i in range(0, n, config["precise_bn_batch"]))
+        recompute_batchnorm_stats(trainer.model, batches)
+        metrics["test_error_precise_bn"] = trainer.evaluate()["test_error"]
+    return {"metrics": metrics, "history": history}
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the results (used by the chapter)
+# ----------------------------------------------------------------------------------------------------
+
+#: Wu & He (2018), Table 2 / Figure 1: ResNet-50 on ImageNet, top-1 *error* (%) by images per worker N.
+PAPER_IMAGENET = {
+    "batch_sizes": [32, 16, 8, 4, 2],
+    "bn": [23.6, 23.7, 24.8, 27.3, 34.7],
+    "gn": [24.1, 24.2, 24.0, 24.2, 24.1],
+}
+
+
+def summary(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[int, dict[str, float]]]:
+    """`{norm: {N: {"median", "min", "max", "n"}}}` of `metric` over seeds (runs without it are skipped)."""
+    import statistics
+
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for r in record["runs"]:
+        v = r["metrics"].get(metric)
+        if v is None:
+            continue
+        out.setdefault(r["config"]["norm"], {}).setdefault(r["config"]["batch_size"], []).append(v)
+    return {norm: {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+                   for n, v in sorted(by_n.items(), reverse=True)}
+            for norm, by_n in out.items()}
+
+
+def verdict(record: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance checks, computed from the medians over seeds."""
+    s = summary(record)
+    bn, gn = s.get("bn", {}), s.get("gn", {})
+    small, large = min(bn), max(bn)
+    gn_medians = [v["median"] for v in gn.values()]
+    return {
+        "N_small": small, "N_large": large,
+        "bn_small_minus_large": bn[small]["median"] - bn[large]["median"],
+        "gn_spread": max(gn_medians) - min(gn_medians),
+        "gn_minus_bn_at_small": gn[small]["median"] - bn[small]["median"],
+    }
+
+
+def paired_gap(record: dict[str, Any], metric: str = "test_error") -> dict[int, dict[str, float]]:
+    """BN minus GN at each N, paired by seed: `{N: {"median", "min", "max", "n"}}`.
+
+    Both norms see the same N, learning rate, number of steps, data order (seed) and initialization
+    scheme, so the difference isolates the normalization from the optimization effects of N.
+    """
+    import statistics
+
+    by: dict[tuple[int, int], dict[str, float]] = {}
+    for r in record["runs"]:
+        by.setdefault((r["config"]["batch_size"], r["seed"]), {})[r["config"]["norm"]] = r["metrics"][metric]
+    gaps: dict[int, list[float]] = {}
+    for (n, _seed), v in by.items():
+        if "bn" in v and "gn" in v:
+            gaps.setdefault(n, []).append(v["bn"] - v["gn"])
+    return {n: {"median": statistics.median(g), "min": min(g), "max": max(g), "n": len(g)}
+            for n, g in sorted(gaps.items(), reverse=True)}
