@@ -46,6 +46,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import norms
+
 __all__ = [
     "FoldWarning",
     "FoldDecision",
@@ -207,21 +209,11 @@ _LAYERS: dict[type, tuple[int, bool]] = {
 }
 
 
-def _bn_types() -> dict[type, tuple[int, ...]]:
-    """BatchNorm type -> the input ranks it accepts (torch's, and normlab's from-scratch ones)."""
-    types: dict[type, tuple[int, ...]] = {
-        nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,),
-        nn.SyncBatchNorm: (2, 3, 4, 5, 6),
-    }
-    try:  # normlab.norms is optional at import time (and written independently of this file)
-        from . import norms
-    except ImportError:
-        return types
-    for name, ranks in (("BatchNorm1d", (2, 3)), ("BatchNorm2d", (4,)), ("BatchNorm3d", (5,))):
-        cls = getattr(norms, name, None)
-        if isinstance(cls, type):
-            types[cls] = ranks
-    return types
+#: BatchNorm type -> the input ranks it accepts (torch's, and normlab's from-scratch ones).
+_BN_RANKS: dict[type, tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,), nn.SyncBatchNorm: (2, 3, 4, 5, 6),
+    norms.BatchNorm1d: (2, 3), norms.BatchNorm2d: (4,),
+}
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -284,11 +276,10 @@ def _fold(model: nn.Module, example_inputs: Any = None,
             calls[id(modules[node.target])] = calls.get(id(modules[node.target]), 0) + 1
         elif node.op == "get_attr" and "." in node.target:
             read.add(node.target.rsplit(".", 1)[0])
-    bn_types = _bn_types()
 
     decisions: list[FoldDecision] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(modules[node.target]) not in bn_types:
+        if node.op != "call_module" or type(modules[node.target]) not in _BN_RANKS:
             continue
         bn = modules[node.target]
         prev = node.args[0] if node.args else None
@@ -318,7 +309,7 @@ def _fold(model: nn.Module, example_inputs: Any = None,
         elif spatial == 0 and rank != 2:
             leave(f"the Linear's output has {rank} dims: Linear acts on the last dim, BatchNorm1d on dim 1, "
                   "so BN's channels are not the Linear's output features")
-        elif spatial > 0 and (spatial + 2) not in bn_types[type(bn)]:
+        elif spatial > 0 and (spatial + 2) not in _BN_RANKS[type(bn)]:
             leave(f"{type(bn).__name__} does not take the {spatial + 2}-d output of {type(layer).__name__}")
         elif spatial > 0 and rank is not None and rank != spatial + 2:
             leave(f"the {type(layer).__name__} runs on unbatched input, so BN's dim 1 is not its channels")
@@ -373,7 +364,7 @@ def explain_folding(model: nn.Module,
 
 def is_batchnorm(module: nn.Module) -> bool:
     """Whether `module` is a BatchNorm (torch's, any subclass, or normlab's)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, *_bn_types()))
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, *_BN_RANKS))
 
 
 def count_batchnorms(model: nn.Module) -> int:

@@ -31,6 +31,9 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from . import norms
+from .norms import mean_var
+
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are computed per worker, over chunks of the batch.
@@ -71,11 +74,9 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-worker mean and biased variance of `x` viewed as (k, N, C, H, W); shapes (k, 1, C, 1, 1).
 
-        Two-pass (centered) variance: E[x^2] - E[x]^2 cancels catastrophically at large offsets.
+        Two-pass (centered) variance, as every normlab norm computes it (`normlab.norms.mean_var`).
         """
-        mean = x.mean(dim=(1, 3, 4), keepdim=True)
-        var = (x - mean).square().mean(dim=(1, 3, 4), keepdim=True)
-        return mean, var
+        return mean_var(x, (1, 3, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
@@ -148,14 +149,12 @@ def ghost_batch_norm(num_workers: int, **kwargs):
     return norm_layer
 
 
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_normlab_bn(m)]
+#: Norms that keep torch.nn's running statistics, buffers and momentum: torch's BatchNorms and normlab's.
+_RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, norms.BatchNorm1d, norms.BatchNorm2d, norms.InstanceNorm2d)
 
 
-def _is_normlab_bn(m: nn.Module) -> bool:
-    """normlab.norms' from-scratch BatchNorm (if present) keeps torch's buffers and momentum."""
-    return type(m).__module__ == "normlab.norms" and hasattr(m, "running_mean") and hasattr(m, "momentum")
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _RUNNING_STAT_NORMS)]
 
 
 @torch.no_grad()
