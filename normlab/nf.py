@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.resnet import CIFARResNet, _norm, conv3x3, default_norm_layer, make_shortcut
+from .models.resnet import CIFARResNet, conv3x3, default_norm_layer, make_shortcut, norm_or_identity
 from .norms import ScaledStdConv2d, standardize_weight
 
 __all__ = [
@@ -197,9 +197,9 @@ class PreActBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
                  norm_layer: Callable[[int], nn.Module] | None = None, shortcut: str = "A"):
         super().__init__()
-        self.norm1 = _norm(norm_layer, in_channels)
+        self.norm1 = norm_or_identity(norm_layer, in_channels)
         self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.norm2 = _norm(norm_layer, out_channels)
+        self.norm2 = norm_or_identity(norm_layer, out_channels)
         self.conv2 = conv3x3(out_channels, out_channels)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut, norm_layer)
 
@@ -230,7 +230,7 @@ class PreActResNet(CIFARResNet):
         if norm_layer == "default":
             norm_layer = default_norm_layer()
         self.norm1 = nn.Identity()  # the stem has no norm in ResNet-V2 ...
-        self.final_norm = _norm(norm_layer, 4 * width)  # ... the last block's output gets one instead
+        self.final_norm = norm_or_identity(norm_layer, 4 * width)  # ... the last block's output gets one instead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.conv1(x))

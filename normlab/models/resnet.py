@@ -40,7 +40,8 @@ def default_norm_layer() -> NormLayer:
     return BatchNorm2d
 
 
-def _norm(norm_layer: NormLayer | None, channels: int) -> nn.Module:
+def norm_or_identity(norm_layer: NormLayer | None, channels: int) -> nn.Module:
+    """`norm_layer(channels)`, or `nn.Identity()` for a network without normalization (`norm_layer=None`)."""
     return nn.Identity() if norm_layer is None else norm_layer(channels)
 
 
@@ -73,7 +74,7 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int, shortcut: st
         return ShortcutA(in_channels, out_channels, stride)
     if shortcut == "B":
         return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                             _norm(norm_layer, out_channels))
+                             norm_or_identity(norm_layer, out_channels))
     raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
 
 
@@ -89,9 +90,9 @@ class BasicBlock(nn.Module):
                  norm_layer: NormLayer | None = None, shortcut: str = "A"):
         super().__init__()
         self.conv1 = conv3x3(in_channels, out_channels, stride)
-        self.norm1 = _norm(norm_layer, out_channels)
+        self.norm1 = norm_or_identity(norm_layer, out_channels)
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.norm2 = _norm(norm_layer, out_channels)
+        self.norm2 = norm_or_identity(norm_layer, out_channels)
         self.shortcut = make_shortcut(in_channels, out_channels, stride, shortcut, norm_layer)
 
     @property
@@ -135,7 +136,7 @@ class CIFARResNet(nn.Module):
         n = (depth - 2) // 6
         self.depth, self.width = depth, width
         self.conv1 = conv3x3(in_channels, width)
-        self.norm1 = _norm(norm_layer, width)
+        self.norm1 = norm_or_identity(norm_layer, width)
         layers: list[nn.Module] = []
         channels = width
         for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
