@@ -3,12 +3,16 @@
 A file holds `{"experiment", "profile", "provenance", "config", "runs": [...]}`; each run is
 `{"key", "config", "seed", "metrics", "history", "wall_s"}`. Every run is written as soon as it
 finishes, atomically (temporary file + `os.replace`), so a sweep that is killed loses at most the run
-in flight, and a restarted sweep skips the runs already recorded. The book only ever *reads* these
-files; they are produced by `python -m normlab run EXP --profile P`.
+in flight, and a restarted sweep skips the runs already recorded. Several processes started with
+the same command share one sweep: each claims a run before starting it (`RESULT.json.claims`, under
+an exclusive lock), so on a machine with c cores, c single-threaded processes finish a sweep of small
+models about c times sooner than one. The book only ever *reads* these files; they are produced by
+`python -m normlab run EXP --profile P`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -23,7 +27,14 @@ import torch
 
 from .utils import default_device, repo_root
 
-PROFILES = ("smoke", "cpu", "full")
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks; one process per sweep there
+    fcntl = None
+
+#: smoke: seconds (CI); cpu: <= 30 min on 2 cores; cpu_long: ~1-2 h on 2 cores, where a question needs
+#: longer training than `cpu` affords; full: a GPU. Not every experiment has every profile.
+PROFILES = ("smoke", "cpu", "cpu_long", "full")
 
 
 def results_dir() -> Path:
@@ -103,8 +114,8 @@ def load_path(path: Path) -> dict[str, Any]:
 
 
 def best_profile(experiment: str) -> str:
-    """The profile the book shows: `full` if recorded, else `cpu`."""
-    for profile in ("full", "cpu"):
+    """The profile the book shows: `full` if recorded, else `cpu_long`, else `cpu`."""
+    for profile in ("full", "cpu_long", "cpu"):
         if result_path(experiment, profile).exists():
             return profile
     raise FileNotFoundError(
@@ -114,13 +125,49 @@ def best_profile(experiment: str) -> str:
 
 
 def load(experiment: str, profile: str | None = None) -> dict[str, Any]:
-    """Load recorded results; `profile=None` or `"recorded"` picks `full`, else `cpu`."""
+    """Load recorded results; `profile=None` or `"recorded"` picks `full`, else `cpu_long`, else `cpu`."""
     if profile in (None, "recorded"):
         profile = best_profile(experiment)
     path = result_path(experiment, profile)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `python -m normlab run {experiment} --profile {profile}`")
     return load_path(path)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on `out`'s claims file; yields the claims `{run_key: pid}` to update."""
+    path = out.with_name(out.name + ".claims")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read()
+            claims = json.loads(text) if text.strip() else {}
+            yield claims
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(claims))
+            f.flush()
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _recorded(out: Path) -> set[str]:
+    return {r["key"] for r in load_path(out)["runs"]} if out.exists() else set()
 
 
 def sweep(
@@ -133,7 +180,8 @@ def sweep(
 ) -> dict[str, Any]:
     """Run every run of `experiment`'s `profile` not yet in `out`, recording each as it finishes.
 
-    `out` defaults to `results/EXP/PROFILE.json`. Returns the complete record.
+    `out` defaults to `results/EXP/PROFILE.json`. Returns the complete record. Runs that another live
+    process of the same sweep has claimed are left to it (start one process per core to share a sweep).
     """
     from .experiments import get_experiment
 
@@ -144,34 +192,47 @@ def sweep(
     config = module.PROFILES[profile]
     out = Path(out) if out is not None else result_path(experiment, profile)
 
-    record: dict[str, Any]
-    if out.exists():
-        record = load_path(out)
-        if record.get("config") != config:
-            raise ValueError(
-                f"{out} was recorded with another configuration of the {profile!r} profile; "
-                "move it away (or delete it) to record afresh"
-            )
-    else:
-        record = {"experiment": experiment, "profile": profile,
+    if out.exists() and load_path(out).get("config") != config:
+        raise ValueError(
+            f"{out} was recorded with another configuration of the {profile!r} profile; "
+            "move it away (or delete it) to record afresh"
+        )
+    new_record = {"experiment": experiment, "profile": profile,
                   "provenance": provenance(profile, device), "config": config, "runs": []}
-    done = {r["key"] for r in record["runs"]}
-    todo = [rc for rc in module.runs(config) if run_key(rc) not in done]
+    all_runs = module.runs(config)
+    done = _recorded(out)
     if log and done:
-        log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(todo)} to go")
-    for i, run_config in enumerate(todo):
+        log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(all_runs) - len(done)} to go")
+    for i, run_config in enumerate(all_runs):
+        key = run_key(run_config)
+        if key in done:
+            continue
+        with _locked(out) as claims:  # claim the run, unless it was recorded or claimed meanwhile
+            owner = claims.get(key)
+            if key in _recorded(out) or (owner is not None and owner != os.getpid() and _alive(owner)):
+                continue
+            claims[key] = os.getpid()
         if log:
-            log(f"[{len(done) + i + 1}/{len(done) + len(todo)}] {experiment} {run_key(run_config)}")
+            log(f"[{i + 1}/{len(all_runs)}] {experiment} {key}")
         t0 = time.perf_counter()
-        result = module.run_one(run_config, config, device=device, progress=progress)
+        try:
+            result = module.run_one(run_config, config, device=device, progress=progress)
+        except BaseException:
+            with _locked(out) as claims:
+                claims.pop(key, None)
+            raise
         wall = time.perf_counter() - t0
-        record["runs"].append({"key": run_key(run_config), "config": run_config,
-                               "seed": run_config.get("seed"), **result, "wall_s": round(wall, 2)})
-        record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
-        atomic_write_json(out, record)
-    if not todo and not out.exists():
-        atomic_write_json(out, record)
-    return record
+        with _locked(out) as claims:  # re-read the record: other processes may have added runs meanwhile
+            claims.pop(key, None)
+            record = load_path(out) if out.exists() else new_record
+            record["runs"].append({"key": key, "config": run_config, "seed": run_config.get("seed"),
+                                   **result, "wall_s": round(wall, 2)})
+            # the sum of the runs' wall times (with several processes, more than the elapsed time)
+            record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
+            atomic_write_json(out, record)
+    if not out.exists():
+        atomic_write_json(out, new_record)
+    return load_path(out)
 
 
 def for_notebook(experiment: str, profile: str) -> dict[str, Any]:

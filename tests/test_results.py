@@ -122,6 +122,35 @@ def test_killed_sweep_resumes_without_losing_or_repeating_runs(slow_exp):
     assert min(restarted) >= len(before["runs"]), "the restart re-ran runs that were already recorded"
 
 
+def test_two_processes_share_a_sweep(slow_exp):
+    """Two `python -m normlab run` processes of one sweep split its runs: each run once, all recorded."""
+    tmp_path, env = slow_exp
+    path = tmp_path / "results" / "extexp.slowexp" / "smoke.json"
+    cmd = [sys.executable, "-m", "normlab", "run", "extexp.slowexp", "--profile", "smoke", "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    started = [line.split() for line in (tmp_path / "started.log").read_text().splitlines()]
+    assert sorted(int(i) for _, i in started) == list(range(8)), "a run was started twice (or never)"
+    assert len({pid for pid, _ in started}) == 2, "one process did all the work"
+    record = json.loads(path.read_text())
+    assert sorted(r["config"]["i"] for r in record["runs"]) == list(range(8))
+    assert all(r["metrics"]["square"] == r["config"]["i"] ** 2 for r in record["runs"])
+
+
+def test_a_dead_process_claim_is_taken_over(slow_exp):
+    """A run claimed by a process that died (killed mid-run) is run by the next sweep, not skipped."""
+    tmp_path, _ = slow_exp
+    out = results.result_path("extexp.slowexp", "cpu")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with results._locked(out) as claims:
+        claims[results.run_key({"i": 1, "seed": 0})] = dead.pid
+    rec = results.sweep("extexp.slowexp", "cpu", log=None)
+    assert [r["config"]["i"] for r in rec["runs"]] == [0, 1]
+
+
 def test_load_errors_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"python -m normlab run nothing_here --profile cpu"):
