@@ -161,19 +161,23 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
 def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Precise BN: replace every BatchNorm's running averages by an exact average over `batches`.
 
-    Each BN layer's statistics are computed on whole batches (per-worker splitting is switched off,
-    so pass large batches), averaged with equal weights (`momentum=None`, a cumulative average).
+    Each BN layer's statistics are computed on whole batches (per-worker splitting, and Batch
+    Renormalization's corrections, are switched off, so pass large batches), averaged with equal
+    weights (`momentum=None`, a cumulative average).
     Returns the number of batches used. The model is left in eval mode.
     """
     bns = _batchnorms(model)
     if not bns:
         return 0
-    saved = [(bn.momentum, getattr(bn, "num_workers", None)) for bn in bns]
+    saved = [(bn.momentum, getattr(bn, "num_workers", None), getattr(bn, "r_max", None), getattr(bn, "d_max", None))
+             for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
         if isinstance(bn, GhostBatchNorm2d):
             bn.num_workers = 1
+        if hasattr(bn, "r_max"):  # BatchRenorm2d: r=1, d=0 is BatchNorm (its r, d would use the reset averages)
+            bn.r_max, bn.d_max = 1.0, 0.0
     model.train()
     count = 0
     try:
@@ -181,10 +185,12 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[torch.Tensor])
             model(x)
             count += 1
     finally:
-        for bn, (momentum, workers) in zip(bns, saved):
+        for bn, (momentum, workers, r_max, d_max) in zip(bns, saved):
             bn.momentum = momentum
             if workers is not None:
                 bn.num_workers = workers
+            if r_max is not None:
+                bn.r_max, bn.d_max = r_max, d_max
         model.eval()
     if count == 0:
         raise ValueError("recompute_batchnorm_stats got no batches")

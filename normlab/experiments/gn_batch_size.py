@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batch_renorm import batch_renorm, renorm_schedule
 from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
 from ..models.resnet import CIFARResNet
 from ..train import Trainer, TrainConfig
@@ -124,7 +125,8 @@ def _load_data(config: dict[str, Any]):
 
 
 def norm_layer(norm: str, config: dict[str, Any]):
-    """`norm_layer(channels)` for the ResNet: per-worker BN over `workers` chunks, or GroupNorm."""
+    """`norm_layer(channels)` for the ResNet: per-worker BN over `workers` chunks, GroupNorm, or per-worker
+    Batch Renorm ("brn", needs `brn_r_max`, `brn_d_max`, `brn_hold`, `brn_ramp` in the config)."""
     impl = config["norm_impl"]
     if impl not in ("fused", "normlab"):
         raise ValueError(f"norm_impl must be 'fused' or 'normlab', got {impl!r}")
@@ -132,6 +134,9 @@ def norm_layer(norm: str, config: dict[str, Any]):
         return ghost_batch_norm(config["workers"], momentum=config["bn_momentum"],
                                 running_stats=config["bn_running_stats"],
                                 impl="fused" if impl == "fused" else "formula")
+    if norm == "brn":  # starts as BN (r_max=1, d_max=0); `run_one` relaxes the limits on a schedule
+        return batch_renorm(config["workers"], r_max=1.0, d_max=0.0, momentum=config["bn_momentum"],
+                            running_stats=config["bn_running_stats"])
     if norm == "gn":
         groups = config["gn_groups"]
         if impl == "normlab":
@@ -144,7 +149,7 @@ def norm_layer(norm: str, config: dict[str, Any]):
                 raise ValueError(f"gn_groups={groups} does not divide {channels} channels")
             return GroupNorm(groups, channels)
         return gn
-    raise ValueError(f"norm must be 'bn' or 'gn', got {norm!r}")
+    raise ValueError(f"norm must be 'bn', 'gn' or 'brn', got {norm!r}")
 
 
 def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
@@ -164,6 +169,9 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
                         zero_init_residual=config["zero_init_residual"], in_channels=trx.shape[1])
     tc = train_config(run, config)
     trainer = Trainer(model, trx, try_, tc, tex, tey, device=device)
+    if run["norm"] == "brn":
+        trainer.after_backward = renorm_schedule(trainer.total_steps, config["brn_r_max"], config["brn_d_max"],
+                                                 hold=config["brn_hold"], ramp=config["brn_ramp"])
     history = trainer.fit(progress=progress, desc=f"{run['norm']} N={run['batch_size']} seed={run['seed']}")
     last = history[-1]
     metrics: dict[str, Any] = {
@@ -171,7 +179,7 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
         "train_loss": last["train_loss"], "steps": trainer.step_count, "lr": tc.lr,
         "total_batch": tc.batch_size, "diverged": bool(last.get("diverged", False)), "data": source,
     }
-    if run["norm"] == "bn":  # precise BN: population statistics recomputed after training
+    if run["norm"] in ("bn", "brn"):  # precise BN: population statistics recomputed after training
         n = min(config["precise_bn_images"], len(trx))
         batches = ((trx[i: i + config["precise_bn_batch"]].to(trainer.device).float() - trainer.mean) / trainer.std
                    for i in range(0, n, config["precise_bn_batch"]))
