@@ -188,3 +188,19 @@ def test_variants_smoke_profile_trains_batch_renorm(tmp_path):
     assert len(brn) == 1 and 0 <= brn[0]["metrics"]["test_error"] <= 100
     assert "test_error_precise_bn" in brn[0]["metrics"]
     assert {r["config"]["workers"] for r in record["runs"] if r["config"]["variant"] == "single_device"} == {1}
+
+
+def test_groups_experiment_repeats_the_cpu_long_protocol():
+    from normlab.experiments import gn_batch_size as base
+    from normlab.experiments import gn_batch_size_groups as exp
+
+    cfg = exp.PROFILES["cpu"]
+    assert {k: v for k, v in cfg.items() if k not in ("group_list", "batch_size", "seeds")} == base.PROFILES["cpu_long"]
+    runs = exp.runs(cfg)
+    assert len(runs) == len(cfg["group_list"]) * len(cfg["seeds"])
+    for r in runs:  # every G divides every stage's channels, and the run is the cpu_long GN run at G
+        assert all((w * cfg["width"]) % r["gn_groups"] == 0 for w in (1, 2, 4))
+        layer = base.norm_layer("gn", {**cfg, "gn_groups": r["gn_groups"]})(16)
+        assert layer.num_groups == r["gn_groups"]
+    assert {"norm": "gn", "batch_size": 32, "seed": 0} in [
+        {k: v for k, v in r.items() if k != "gn_groups"} for r in runs if r["gn_groups"] == base.PROFILES["cpu_long"]["gn_groups"]]
