@@ -205,3 +205,17 @@ def test_groups_experiment_repeats_the_cpu_long_protocol():
         assert layer.num_groups == r["gn_groups"]
     assert {"norm": "gn", "batch_size": 32, "seed": 0} in [
         {k: v for k, v in r.items() if k != "gn_groups"} for r in runs if r["gn_groups"] == base.PROFILES["cpu_long"]["gn_groups"]]
+
+
+def test_capacity_experiment_changes_only_the_model():
+    from normlab.experiments import gn_batch_size as base
+    from normlab.experiments import gn_batch_size_capacity as exp
+
+    cfg = exp.PROFILES["cpu"]
+    same = lambda c: {k: v for k, v in c.items() if k not in ("models", "batch_size", "seeds")}  # noqa: E731
+    assert same(cfg) == same(base.PROFILES["cpu_long"])
+    runs = exp.runs(cfg)
+    assert {(r["norm"], r["depth"], r["width"]) for r in runs} == {
+        (n, d, w) for n in ("bn", "gn") for d, w in cfg["models"]}
+    for d, w in cfg["models"]:  # GN's groups divide every stage of every model; depth is 6n+2
+        assert (d - 2) % 6 == 0 and all((m * w) % cfg["gn_groups"] == 0 for m in (1, 2, 4))
