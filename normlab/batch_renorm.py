@@ -60,20 +60,15 @@ class BatchRenorm2d(GhostBatchNorm2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
 
+    def precise_bn_overrides(self) -> dict:
+        return {**super().precise_bn_overrides(), "r_max": 1.0, "d_max": 0.0}  # r=1, d=0: BatchNorm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)  # the running averages, exactly as BatchNorm
-        if x.dim() != 4:
-            raise ValueError(f"BatchRenorm2d expects (B, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
+        self._check_input(x)
         b, c, h, w = x.shape
-        k = self.num_workers
-        if b % k != 0:
-            raise ValueError(f"batch of {b} cannot be split over {k} workers; use a multiple of num_workers")
-        n = b // k
-        if n * h * w < 2:
-            raise ValueError(f"each worker sees {n * h * w} value(s) per channel; BatchRenorm needs at least 2")
+        k, n = self.num_workers, self._images_per_worker(x)
         xg = x.view(k, n, c, h, w)
         mean, var = self.batch_stats(xg)                      # (k, 1, C, 1, 1), with gradients
         std = torch.sqrt(var + self.eps)

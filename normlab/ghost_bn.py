@@ -78,11 +78,31 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         """
         return mean_var(x, (1, 3, 4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
-            raise ValueError(f"GhostBatchNorm2d expects (B, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects (B, C, H, W) input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {x.shape[1]}")
+
+    def _images_per_worker(self, x: torch.Tensor) -> int:
+        """N for a training batch of k*N images; each worker needs at least 2 values per channel."""
+        b, _, h, w = x.shape
+        k = self.num_workers
+        if b % k != 0:
+            raise ValueError(f"batch of {b} cannot be split over {k} workers; use a multiple of num_workers "
+                             "(the trainer drops the last incomplete batch)")
+        n = b // k
+        if n * h * w < 2:
+            raise ValueError(f"each worker sees {n * h * w} value(s) per channel; BatchNorm needs at least 2")
+        return n
+
+    def precise_bn_overrides(self) -> dict:
+        """Attributes under which this layer normalizes a batch as one plain BatchNorm2d would
+        (`recompute_batchnorm_stats` sets them while it re-estimates the statistics)."""
+        return {"num_workers": 1}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:  # evaluation with the running averages: a per-channel affine map
             scale = torch.rsqrt(self.running_var + self.eps)
@@ -92,13 +112,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return x * scale[None, :, None, None] + shift[None, :, None, None]
 
         b, c, h, w = x.shape
-        k = self.num_workers
-        if b % k != 0:
-            raise ValueError(f"batch of {b} cannot be split over {k} workers; use a multiple of num_workers "
-                             "(the trainer drops the last incomplete batch)")
-        n = b // k
-        if n * h * w < 2:
-            raise ValueError(f"each worker sees {n * h * w} value(s) per channel; BatchNorm needs at least 2")
+        k, n = self.num_workers, self._images_per_worker(x)
         if self.impl == "fused":
             return self._forward_fused(x, k, n)
         xg = x.view(k, n, c, h, w)
@@ -169,15 +183,13 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[torch.Tensor])
     bns = _batchnorms(model)
     if not bns:
         return 0
-    saved = [(bn.momentum, getattr(bn, "num_workers", None), getattr(bn, "r_max", None), getattr(bn, "d_max", None))
-             for bn in bns]
-    for bn in bns:
+    overrides = [{"momentum": None, **(bn.precise_bn_overrides() if hasattr(bn, "precise_bn_overrides") else {})}
+                 for bn in bns]
+    saved = [{name: getattr(bn, name) for name in o} for bn, o in zip(bns, overrides)]
+    for bn, o in zip(bns, overrides):
         bn.reset_running_stats()
-        bn.momentum = None
-        if isinstance(bn, GhostBatchNorm2d):
-            bn.num_workers = 1
-        if hasattr(bn, "r_max"):  # BatchRenorm2d: r=1, d=0 is BatchNorm (its r, d would use the reset averages)
-            bn.r_max, bn.d_max = 1.0, 0.0
+        for name, value in o.items():
+            setattr(bn, name, value)
     model.train()
     count = 0
     try:
@@ -185,12 +197,9 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[torch.Tensor])
             model(x)
             count += 1
     finally:
-        for bn, (momentum, workers, r_max, d_max) in zip(bns, saved):
-            bn.momentum = momentum
-            if workers is not None:
-                bn.num_workers = workers
-            if r_max is not None:
-                bn.r_max, bn.d_max = r_max, d_max
+        for bn, attrs in zip(bns, saved):
+            for name, value in attrs.items():
+                setattr(bn, name, value)
         model.eval()
     if count == 0:
         raise ValueError("recompute_batchnorm_stats got no batches")
