@@ -192,7 +192,8 @@ def sweep(
     config = module.PROFILES[profile]
     out = Path(out) if out is not None else result_path(experiment, profile)
 
-    if out.exists() and load_path(out).get("config") != config:
+    existing = load_path(out) if out.exists() else None
+    if existing is not None and existing.get("config") != config:
         raise ValueError(
             f"{out} was recorded with another configuration of the {profile!r} profile; "
             "move it away (or delete it) to record afresh"
@@ -200,7 +201,7 @@ def sweep(
     new_record = {"experiment": experiment, "profile": profile,
                   "provenance": provenance(profile, device), "config": config, "runs": []}
     all_runs = module.runs(config)
-    done = _recorded(out)
+    done = {r["key"] for r in existing["runs"]} if existing is not None else set()
     if log and done:
         log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(all_runs) - len(done)} to go")
     for i, run_config in enumerate(all_runs):
