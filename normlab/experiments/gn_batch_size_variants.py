@@ -28,7 +28,8 @@ from . import gn_batch_size as base
 _BRN = {"brn_r_max": 1.5, "brn_d_max": 0.5, "brn_hold": 0.05, "brn_ramp": 0.2}
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {**base.PROFILES["smoke"], **_BRN, "reference_workers": 2, "compare_with": "smoke",
+    "smoke": {**base.PROFILES["smoke"], **_BRN, "reference_workers": 2,
+              "compare_with": {"brn": "smoke", "single_device": "smoke"},
               "brn": {"batch_size": 2, "epochs": 1}, "single_device": {"batch_sizes": [8, 2], "epochs": 1}},
     "cpu": {**base.PROFILES["cpu"], **_BRN, "reference_workers": 4,
             "compare_with": {"brn": "cpu_long", "single_device": "cpu"},
