@@ -309,6 +309,19 @@ def agc_parameters(model: nn.Module, exclude: Sequence[str] = ("fc",)) -> list[t
     return [p for n, p in model.named_parameters() if not any(n == e or n.startswith(e + ".") for e in exclude)]
 
 
+def agc_hook(parameters: Sequence[torch.Tensor], clip: float = 0.01, eps: float = 1e-3):
+    """AGC as a trainer hook (`Trainer(hooks=[agc_hook(agc_parameters(model))])`).
+
+    Clips `parameters`' gradients after every backward pass and logs the fraction of units clipped,
+    averaged over each history row, as `agc_clip_fraction`.
+    """
+    params = list(parameters)
+
+    def hook(trainer) -> None:
+        trainer.log_mean("agc_clip_fraction", adaptive_grad_clip_(params, clip=clip, eps=eps))
+    return hook
+
+
 # ----------------------------------------------------------------------------------------------------
 # Signal propagation plots
 

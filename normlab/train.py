@@ -1,329 +1,403 @@
-"""A small, fast image-classification trainer: the dataset as tensors on the device, whole-batch augmentation.
+"""The book's one training loop: images and tokens, budgets, schedules, hooks, precision, checkpoints.
 
-What makes it fast is what it does *not* do: no `DataLoader`, no per-sample Python. The images stay
-uint8 on the device, zero-padded once; each step applies the standard CIFAR augmentation (He et al.
-{cite}`he2016deep`: pad 4, random 32x32 crop, random horizontal flip) to a whole batch with a single
-advanced-indexing gather from the padded set (batching, crop and flip in one op), then converts to
-float and normalizes per channel.
+`Trainer(model, task, config, hooks=...).fit()` trains `model` on a task of `normlab.tasks`
+(`ImageClassification` or `CharLM`) and returns its history, one row per epoch (a budget in epochs) or
+per `log_every` steps (a budget in steps). What it does per step, in order:
 
-The optimizer is SGD with momentum and weight decay, the learning rate follows a per-step schedule
-(`"cosine"` {cite}`loshchilov2017sgdr`, `"step"` at epoch milestones, or `"constant"`) after an optional
-linear warmup {cite}`goyal2017accurate`. Everything random (initialization is the caller's) is drawn
-from one seeded `torch.Generator`, so the same seed gives the same history on CPU.
+1. the batch: the next slice of a seeded per-epoch permutation (images) or random windows (tokens),
+   gathered and augmented on the device by the task;
+2. the learning rate of `lr_at`: a linear warmup {cite}`goyal2017accurate`, then `"cosine"`
+   {cite}`loshchilov2017sgdr`, `"linear"` decay to zero, `"step"` (times `gamma` at fractions of
+   training) or `"constant"`, for every parameter group in proportion to its own base rate;
+3. forward and cross-entropy under the configured precision (`"fp32"`, or `"bf16"` autocast) and
+   memory format (`"channels_last"` for convolutional nets);
+4. `backward()`, then every hook `hook(trainer)` (gradient clipping, AGC, limits schedules, probes:
+   a hook reads `trainer.model`, `trainer.step`, `trainer.total_steps`, and adds to the current history
+   row with `trainer.log_mean(name, value)`), then the optimizer step (SGD with momentum and optional
+   Nesterov, or AdamW).
 
-`Trainer(model, data, config).fit()` returns the per-epoch history; `after_backward(model, step)` is
-called between `loss.backward()` and `optimizer.step()` (gradient clipping, logging gradient norms).
+A non-finite training loss stops the run; its last row says `"diverged": True` and every non-finite
+number in it is `None`. Everything random is drawn from one seeded `torch.Generator` (initialization
+is the caller's), so the same seed gives the same history on CPU.
+
+**Checkpoints.** With `checkpoint=PATH`, the trainer saves model, optimizer, schedule position, the
+epoch's permutation and position in it, RNG states and history atomically (temporary file + rename)
+at the end of every row and every `checkpoint_every_s` seconds, and `fit()` resumes from `PATH` when
+it exists. A run killed at any point and resumed gives, in fp32 on CPU, the same metrics bit for bit
+as one never interrupted. Checkpoints load with `torch.load(weights_only=True)`; one that is
+unreadable or belongs to another run raises an error naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tasks import CharLM, ImageClassification
+
+Hook = Callable[["Trainer"], None]
+
+#: The fastest (precision, memory format) per norm for conv nets on this book's CPU (ResNet-20, 32x32,
+#: batch 128, fwd+bwd+SGD, AVX-512 with BF16): BN is fastest channels_last + bf16 (1.9x fp32 NCHW); GN
+#: is fastest NCHW + bf16 (1.6x), since channels_last makes its reductions strided (0.7x). `precision=
+#: "auto"` / `memory_format="auto"` pick from here; "fp32" / "contiguous" is the reference.
+FASTEST: dict[str, tuple[str, str]] = {
+    "bn": ("bf16", "channels_last"), "gbn": ("bf16", "channels_last"), "brn": ("bf16", "channels_last"),
+    "gn": ("bf16", "contiguous"),
+}
+PRECISIONS = ("fp32", "bf16")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+SCHEDULES = ("cosine", "linear", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+CHECKPOINT_FORMAT = 1
+
+
 @dataclass
 class TrainConfig:
-    """Optimization settings of one training run (JSON-able via `dataclasses.asdict`)."""
+    """Optimization settings of one training run (JSON-able via `TrainConfig.to_dict`).
 
-    epochs: int = 10
+    The budget is `epochs` or `steps` (exactly one); `eval_every` and `warmup` count in the budget's
+    unit. `log_every` (steps) sets the history rows of a step budget (default: `eval_every`).
+    """
+
+    epochs: int | None = 10
+    steps: int | None = None
     batch_size: int = 128
+    optimizer: str = "sgd"              # "sgd" | "adamw"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9               # SGD
+    nesterov: bool = False              # SGD
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    adam_eps: float = 1e-8              # AdamW
     weight_decay: float = 1e-4
-    schedule: str = "cosine"            # "cosine" | "step" | "constant"
+    schedule: str = "cosine"            # "cosine" | "linear" | "step" | "constant"
     milestones: Sequence[float] = (0.5, 0.75)  # "step": fractions of training where lr *= gamma
     gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    augment: bool = True                # pad-4 random crop + horizontal flip
-    padding: int = 4
-    eval_every: int = 1                 # evaluate the test set every k epochs (and always at the end)
-    eval_batch_size: int = 1000
+    warmup: float = 0.0                 # linear warmup, in epochs (epoch budget) or steps (step budget)
+    eval_every: int = 1                 # evaluate every k epochs / steps, and always at the end
+    log_every: int | None = None        # step budget: a history row every k steps
     seed: int = 0
-    drop_last: bool = True              # per-worker BatchNorm needs equal-sized batches
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the history
+    precision: str = "fp32"             # "fp32" | "bf16" (autocast)
+    memory_format: str = "contiguous"   # "contiguous" | "channels_last" (4-D inputs)
+    compile: bool = False               # torch.compile the model
+    checkpoint_every_s: float = 300.0   # and at the end of every history row
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"give exactly one budget, epochs or steps (got epochs={self.epochs}, steps={self.steps})")
+        if (self.epochs or self.steps) < 1 or self.batch_size < 1:
+            raise ValueError(f"the budget and batch_size must be >= 1 (got {self.epochs or self.steps}, {self.batch_size})")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if self.eval_every < 1:
-            raise ValueError("eval_every must be >= 1")
+        for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("precision", self.precision, PRECISIONS),
+                                     ("memory_format", self.memory_format, MEMORY_FORMATS)):
+            if value not in allowed:
+                hint = " (resolve 'auto' with train.fastest(norm, config))" if value == "auto" else ""
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}{hint}")
+        if not 0 <= self.warmup <= (self.epochs or self.steps):
+            raise ValueError(f"warmup must be in [0, budget], got {self.warmup}")
+        if self.eval_every < 1 or (self.log_every is not None and self.log_every < 1):
+            raise ValueError("eval_every and log_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"], d["betas"] = list(d["milestones"]), list(d["betas"])
+        return d
 
 
-# ----------------------------------------------------------------------------------------------------
-# augmentation
-# ----------------------------------------------------------------------------------------------------
+def fastest(norm: str, config: TrainConfig) -> TrainConfig:
+    """`config` with `precision`/`memory_format` "auto" replaced by `FASTEST[norm]` (fp32 NCHW if unknown)."""
+    precision, memory_format = FASTEST.get(norm, ("fp32", "contiguous"))
+    from dataclasses import replace
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4,
-                     flip: bool = True) -> torch.Tensor:
-    """Pad by `padding` zeros, take a random HxW window per image, flip half the images left-right.
+    return replace(config, precision=precision if config.precision == "auto" else config.precision,
+                   memory_format=memory_format if config.memory_format == "auto" else config.memory_format)
 
-    Vectorized: one `F.pad` of the batch, then `crop_flip_gather` (a single advanced-indexing gather
-    that does crop and flip at once). Random numbers come from `generator` on the CPU, so results do
-    not depend on the device's RNG.
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, config: TrainConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
+
+    $\\eta_t = \\eta\\,(t+1)/W$ for $t < W$; then, with progress $p = (t - W)/(T - W)$: cosine
+    $\\tfrac{\\eta}{2}(1 + \\cos \\pi p)$, linear $\\eta(1 - p)$, step $\\eta\\,\\gamma^{\\#\\{m \\le p\\}}$.
     """
-    if images.dim() != 4:
-        raise ValueError(f"random_crop_flip expects (B, C, H, W) images, got shape {tuple(images.shape)}")
-    b = images.shape[0]
-    dy, dx, do_flip = _crop_flip_params(b, padding, generator, images.device, flip)
-    padded = F.pad(images, (padding,) * 4) if padding > 0 else images
-    return crop_flip_gather(padded, None, dy, dx, do_flip, padding)
-
-
-def crop_flip_gather(padded: torch.Tensor, idx: torch.Tensor | None, dy: torch.Tensor, dx: torch.Tensor,
-                     do_flip: torch.Tensor, padding: int) -> torch.Tensor:
-    """`out[b, c, i, j] = padded[idx[b], c, dy[b] + i, dx[b] + j']`, with `j' = W-1-j` where `do_flip[b]`.
-
-    `padded` holds images padded by `padding` on each side (the whole dataset, padded once, in the
-    trainer); `idx=None` means `padded` is already the batch. One gather does crop, flip and batching.
-    """
-    n, c, hp, wp = padded.shape
-    h, w = hp - 2 * padding, wp - 2 * padding
-    dev = padded.device
-    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = (dy[:, None] + ar_h)[:, None, :, None]                                      # (B,1,H,1)
-    cols = (dx[:, None] + torch.where(do_flip[:, None], w - 1 - ar_w, ar_w))[:, None, None, :]  # (B,1,1,W)
-    bidx = (torch.arange(len(dy), device=dev) if idx is None else idx)[:, None, None, None]
-    cidx = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[bidx, cidx, rows, cols]
-
-
-def _crop_flip_params(b: int, padding: int, generator: torch.Generator | None, device: torch.device,
-                      flip: bool = True):
-    r = torch.randint(0, 2 * (2 * padding + 1), (3, b), generator=generator)  # one RNG call per batch
-    dy, dx = r[0] % (2 * padding + 1), r[1] % (2 * padding + 1)
-    do_flip = (r[2] % 2 == 1) & flip
-    return dy.to(device), dx.to(device), do_flip.to(device)
-
-
-def random_crop_flip_reference(images: torch.Tensor, generator: torch.Generator | None = None,
-                               padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """Per-sample loop with the same random draws as `random_crop_flip` (for tests only; slow)."""
-    b, c, h, w = images.shape
-    dy, dx, do_flip = _crop_flip_params(b, padding, generator, images.device, flip)
-    out = []
-    for i in range(b):
-        img = F.pad(images[i], (padding,) * 4)[:, int(dy[i]): int(dy[i]) + h, int(dx[i]): int(dx[i]) + w]
-        out.append(img.flip(2) if bool(do_flip[i]) else img)
-    return torch.stack(out)
-
-
-# ----------------------------------------------------------------------------------------------------
-# learning-rate schedule and evaluation
-# ----------------------------------------------------------------------------------------------------
-
-def lr_at(step: int, total_steps: int, steps_per_epoch: int, config: TrainConfig) -> float:
-    """Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule."""
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
+    if step < warmup_steps:
+        return config.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
     if config.schedule == "step":
         return config.lr * config.gamma ** sum(progress >= m for m in config.milestones)
     return config.lr
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
-             std: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Test loss and error (percent) in eval mode; `images` uint8 (B, C, H, W) on the model's device."""
-    was_training = model.training
-    model.eval()
-    loss_sum, wrong = 0.0, 0
-    for i in range(0, len(images), batch_size):
-        x = (images[i: i + batch_size].float() - mean) / std
-        y = labels[i: i + batch_size]
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        wrong += (logits.argmax(1) != y).sum().item()
-    model.train(was_training)
-    n = max(1, len(images))
-    return {"loss": loss_sum / n, "error": 100.0 * wrong / n}
+def clip_grad_norm(max_norm: float) -> Hook:
+    """A hook: rescale all gradients to a global L2 norm of at most `max_norm` (logs `grad_norm`)."""
+    def hook(trainer: "Trainer") -> None:
+        trainer.log_mean("grad_norm", nn.utils.clip_grad_norm_(trainer.model.parameters(), max_norm))
+    return hook
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images (B, C, H, W) as (1, C, 1, 1) float32 tensors.
-
-    Two passes in float64 over chunks, so the whole set is never converted to float at once.
-    """
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    total = sum(x.double().sum(dim=(0, 2, 3)) for x in images.split(chunk))
-    mean = total / n
-    sq = sum((x.double() - mean[None, :, None, None]).square().sum(dim=(0, 2, 3)) for x in images.split(chunk))
-    std = (sq / max(1, n - 1)).sqrt()
-    return mean.float().reshape(1, -1, 1, 1), std.float().reshape(1, -1, 1, 1)
+def log_grad_norm(trainer: "Trainer") -> None:
+    """A hook: the global gradient L2 norm, averaged over each history row (`grad_norm`)."""
+    grads = [p.grad.detach() for p in trainer.model.parameters() if p.grad is not None]
+    trainer.log_mean("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-# ----------------------------------------------------------------------------------------------------
-# the trainer
-# ----------------------------------------------------------------------------------------------------
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
 
 class Trainer:
-    """Train `model` on uint8 image tensors with SGD; see the module docstring.
+    """Train `model` on `task` with `config`; see the module docstring.
 
     Args:
-        model: any `nn.Module` mapping (B, C, H, W) floats to logits; moved to `device`.
-        train_images, train_labels: uint8 (N, C, H, W) and int64 (N,), any device (moved once).
+        model: maps the task's inputs to logits ((B, classes) or (B, T, vocab)); moved to `device`.
+        task: `ImageClassification` or `CharLM` (moved to `device` here).
         config: `TrainConfig`.
-        test_images, test_labels: optional evaluation set (evaluated every `config.eval_every` epochs).
-        mean, std: per-channel normalization (uint8 scale); default: the training set's statistics.
-        param_groups: optional optimizer parameter groups (e.g. no weight decay on gains); default all.
-        after_backward: `fn(model, step)` called after `backward()` and before `optimizer.step()`.
+        hooks: `hook(trainer)` called after `backward()` and before the optimizer step, in order.
+        param_groups: optimizer parameter groups (e.g. no weight decay on gains); default all parameters.
+        checkpoint: file to save checkpoints to and resume from (None: no checkpoints).
         device: default: the model's device.
     """
 
-    def __init__(self, model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-                 config: TrainConfig, test_images: torch.Tensor | None = None,
-                 test_labels: torch.Tensor | None = None, mean: Sequence[float] | torch.Tensor | None = None,
-                 std: Sequence[float] | torch.Tensor | None = None, param_groups: list[dict] | None = None,
-                 after_backward: Callable[[nn.Module, int], None] | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, task: ImageClassification | CharLM, config: TrainConfig,
+                 hooks: Sequence[Hook] = (), param_groups: list[dict] | None = None,
+                 checkpoint: str | Path | None = None, device: str | torch.device | None = None):
         config.validate()
-        if train_images.dtype != torch.uint8 or train_images.dim() != 4:
-            raise ValueError("train_images must be a uint8 tensor (N, C, H, W); convert with .to(torch.uint8)")
-        if len(train_images) != len(train_labels):
-            raise ValueError(f"{len(train_images)} images but {len(train_labels)} labels")
-        if config.drop_last and len(train_images) < config.batch_size:
-            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_images)} training images")
-        if (test_images is None) != (test_labels is None):
-            raise ValueError("give both test_images and test_labels, or neither")
+        if not hasattr(task, "batch") or not hasattr(task, "evaluate"):
+            raise TypeError(f"task must be a normlab.tasks task (ImageClassification, CharLM), got {type(task).__name__}")
+        if config.steps is None and task.num_train is None:
+            raise ValueError(f"{type(task).__name__} is sampled in steps: give TrainConfig(steps=..., epochs=None)")
+        if task.num_train is not None and task.num_train < config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {task.num_train} training samples")
         if device is None:
             p = next(iter(model.parameters()), None)
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
-        self.model = model.to(self.device)
         self.config = config
-        self.x = train_images.to(self.device)
-        self.y = train_labels.to(self.device)
-        # pad the whole training set once, so each step's crop+flip+batching is a single gather
-        self.x_padded = F.pad(self.x, (config.padding,) * 4) if config.augment else None
-        self.test = None if test_images is None else (test_images.to(self.device), test_labels.to(self.device))
-        if mean is None or std is None:
-            m, s = channel_stats(self.x)
-            mean = m if mean is None else mean
-            std = s if std is None else std
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
-        self.after_backward = after_backward
-        self.optimizer = torch.optim.SGD(param_groups if param_groups is not None else model.parameters(),
-                                         lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                                         weight_decay=config.weight_decay)
-        for g in self.optimizer.param_groups:  # schedules scale each group's own base lr
-            g.setdefault("base_lr", g["lr"])
-            g["lr_scale"] = g["base_lr"] / config.lr
+        self.memory_format = torch.channels_last if config.memory_format == "channels_last" else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.task = task.to(self.device, self.memory_format)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.hooks = list(hooks)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.optimizer = self._make_optimizer(param_groups if param_groups is not None else model.parameters())
         self.generator = torch.Generator().manual_seed(config.seed)
-        n = len(self.x)
-        self.steps_per_epoch = n // config.batch_size if config.drop_last else math.ceil(n / config.batch_size)
-        self.total_steps = self.steps_per_epoch * config.epochs
-        self.step_count = 0
+        # one epoch = every training sample once, in batches of batch_size (the last partial batch
+        # dropped: per-worker BatchNorm needs equal-sized batches)
+        self.steps_per_epoch = task.num_train // config.batch_size if task.num_train is not None else None
+        self.total_steps = config.steps if config.steps is not None else self.steps_per_epoch * config.epochs
+        per = self.steps_per_epoch if config.epochs is not None else 1
+        self.warmup_steps = int(round(config.warmup * per))
+        self.row_steps = per if config.epochs is not None else (config.log_every or config.eval_every)
+        self.eval_steps = config.eval_every * per
+        self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.diverged = False
+        self._perm: torch.Tensor | None = None   # the current epoch's order, and the position in it
+        self._pos = 0
+        self._window: dict[str, list] = {}       # sums and counts of the current row
+        self._row_start = 0                      # the step the current row began at
+        self._elapsed = 0.0
 
-    def batches(self) -> Iterator[torch.Tensor]:
-        """Index tensors of one epoch: a seeded permutation cut into batches."""
-        perm = torch.randperm(len(self.x), generator=self.generator).to(self.device)
-        for i in range(self.steps_per_epoch):
-            yield perm[i * self.config.batch_size: (i + 1) * self.config.batch_size]
+    # ----------------------------------------------------------------------------------- pieces
 
-    def prepare(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, augment (on uint8, so padding is black as in torchvision) and normalize a batch."""
-        if self.config.augment:
-            dy, dx, flip = _crop_flip_params(len(idx), self.config.padding, self.generator, self.device)
-            x = crop_flip_gather(self.x_padded, idx, dy, dx, flip, self.config.padding)
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
         else:
-            x = self.x[idx]
-        return (x.float() - self.mean) / self.std, self.y[idx]
+            opt = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay)
+        for g in opt.param_groups:  # schedules scale each group's own base lr
+            g.setdefault("base_lr", g["lr"])
+            g["lr_scale"] = g["base_lr"] / c.lr
+        return opt
 
-    def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on the samples `idx`; returns (summed loss, number wrong) as 0-d tensors (no sync)."""
-        lr = lr_at(self.step_count, self.total_steps, self.steps_per_epoch, self.config)
+    def autocast(self):
+        """The configured precision as a context manager (bf16 autocast, or nothing for fp32)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def lr(self) -> float:
+        return lr_at(self.step, self.total_steps, self.warmup_steps, self.config)
+
+    def log_mean(self, name: str, value: torch.Tensor | float, count: int = 1) -> None:
+        """Add `value` (a sum over `count` items) to the current row's mean of `name` (no device sync)."""
+        s = self._window.setdefault(name, [0.0, 0])
+        s[0] = s[0] + (value.detach().double() if torch.is_tensor(value) else float(value))
+        s[1] += count
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task.num_train is None:
+            return self.task.batch(self.config.batch_size, self.generator)
+        if self._perm is None or self._pos + self.config.batch_size > self.task.num_train - self.task.num_train % self.config.batch_size:
+            self._perm, self._pos = torch.randperm(self.task.num_train, generator=self.generator).to(self.device), 0
+        idx = self._perm[self._pos: self._pos + self.config.batch_size]
+        self._pos += self.config.batch_size
+        return self.task.batch(idx, self.generator)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on the next batch; returns the mean loss (0-d tensor, no device sync)."""
+        lr = self.lr
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        x, y = self.prepare(idx)
-        logits = self.model(x)
+        x, y = self._next_batch()
+        with self.autocast():
+            logits = self.forward(x)
+        logits = logits.float().flatten(0, -2)
+        y = y.flatten()
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.after_backward is not None:
-            self.after_backward(self.model, self.step_count)
+        for hook in self.hooks:
+            hook(self)
         self.optimizer.step()
-        self.step_count += 1
+        self.step += 1
         with torch.no_grad():
-            return loss.detach() * len(y), (logits.argmax(1) != y).sum()
-
-    def train_epoch(self, max_steps: int | None = None, bar=None) -> dict[str, float]:
-        """One pass over the (permuted) training set; returns mean train loss and train error (%)."""
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        wrong = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        for i, idx in enumerate(self.batches()):
-            if max_steps is not None and i >= max_steps:
-                break
-            loss, w = self.train_step(idx)
-            loss_sum += loss
-            wrong += w
-            seen += len(idx)
-            if bar is not None:
-                bar.update(1)
-        train_loss = loss_sum.item() / max(1, seen)
-        return {"train_loss": train_loss, "train_error": 100.0 * wrong.item() / max(1, seen)}
+            self.log_mean("train_loss", loss.detach() * len(y), len(y))
+            if "train_error" in self.task.train_metrics:
+                self.log_mean("train_error", 100.0 * (logits.argmax(1) != y).sum(), len(y))
+        return loss
 
     def evaluate(self) -> dict[str, float]:
-        if self.test is None:
-            return {}
-        r = evaluate(self.model, *self.test, self.mean, self.std, self.config.eval_batch_size)
-        return {"test_loss": r["loss"], "test_error": r["error"]}
+        with self.autocast():
+            return self.task.evaluate(self.forward)
+
+    def _end_row(self, t0: float, final: bool) -> dict[str, Any]:
+        c = self.config
+        row: dict[str, Any] = {}
+        if c.epochs is not None:  # a row cut short by divergence belongs to the epoch in progress
+            row["epoch"] = math.ceil(self.step / self.steps_per_epoch)
+        row["step"] = self.step
+        row["lr"] = lr_at(self._row_start, self.total_steps, self.warmup_steps, c)  # at the row's first step
+        self._row_start = self.step
+        for name, (total, count) in self._window.items():
+            row[name] = float(total) / max(1, count)
+        self._window = {}
+        if final or self.diverged or self.step % self.eval_steps == 0:
+            row.update(self.evaluate())
+        row["time_s"] = round(self._elapsed + time.perf_counter() - t0, 2)
+        if self.diverged:
+            row["diverged"] = True
+        row = {k: _finite_or_none(v) for k, v in row.items()}
+        self.history.append(row)
+        return row
+
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to belong to this run."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "checkpoint_every_s"}
+        return {"config": config, "task": self.task.describe(), "model": type(self.model).__name__,
+                "parameters": [[n, list(p.shape)] for n, p in self.model.named_parameters()]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self._fingerprint(), "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "perm": self._perm.cpu() if self._perm is not None else None, "pos": self._pos,
+            "row_start": self._row_start,
+            "window": {k: [v[0].item() if torch.is_tensor(v[0]) else v[0], v[1]] for k, v in self._window.items()},
+            "history": self.history, "elapsed_s": self._elapsed, "diverged": self.diverged,
+        }
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        """Write the checkpoint atomically: readers see the previous one or this one, never a partial file."""
+        if self.checkpoint is None:
+            return
+        self._elapsed, saved = elapsed, self._elapsed
+        state = self.state_dict()
+        self._elapsed = saved
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from `path`; raises `ValueError` naming the file if it is unreadable or another run's."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                             "delete it to start the run afresh") from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {path} is not a normlab trainer checkpoint (format "
+                             f"{state.get('format') if isinstance(state, dict) else None!r}); delete it to start afresh")
+        mine, theirs = self._fingerprint(), state["fingerprint"]
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                raise ValueError(f"checkpoint {path} belongs to another run (its {key} differs: "
+                                 f"{theirs.get(key)!r} vs {mine[key]!r}); delete it to start afresh")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self._pos, self._row_start = state["step"], state["pos"], state["row_start"]
+        self._perm = None if state["perm"] is None else state["perm"].to(self.device)
+        self._window = {k: [torch.tensor(v[0], dtype=torch.float64, device=self.device), v[1]]
+                        for k, v in state["window"].items()}
+        self.history, self._elapsed, self.diverged = state["history"], state["elapsed_s"], state["diverged"]
+
+    # ----------------------------------------------------------------------------------- the loop
 
     def fit(self, progress: bool = False, desc: str = "train") -> list[dict[str, Any]]:
-        """Train for `config.epochs`; returns the per-epoch history (also kept in `self.history`).
-
-        Stops early (recording `"diverged": True`) if the training loss becomes NaN or infinite.
-        """
+        """Train to the budget (resuming from the checkpoint if one exists); returns the history."""
         from tqdm import tqdm  # not tqdm.auto: no widget warnings in notebooks (bars are off there)
 
-        t0 = time.perf_counter()
-        with tqdm(total=self.total_steps, desc=desc, disable=not progress, leave=False) as bar:
-            for epoch in range(1, self.config.epochs + 1):
-                row: dict[str, Any] = {"epoch": epoch, "step": 0,
-                                       "lr": lr_at(self.step_count, self.total_steps, self.steps_per_epoch, self.config)}
-                row.update(self.train_epoch(bar=bar))
-                row["step"] = self.step_count
-                diverged = not math.isfinite(row["train_loss"])
-                if diverged or epoch % self.config.eval_every == 0 or epoch == self.config.epochs:
-                    row.update(self.evaluate())
-                row["time_s"] = round(time.perf_counter() - t0, 2)
-                if diverged:
-                    row["diverged"] = True
-                self.history.append(row)
-                bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("train_loss", "test_error")})
-                if diverged:
-                    break
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.load_checkpoint(self.checkpoint)
+        self.model.train()
+        t0 = last_save = time.perf_counter()
+        # a non-finite loss is checked every step on CPU (free) and every 20 steps on GPUs (a sync)
+        check_every = 1 if self.device.type == "cpu" else 20
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        with tqdm(total=self.total_steps, initial=self.step, desc=desc, disable=not progress, leave=False) as bar:
+            while self.step < self.total_steps and not self.diverged:
+                loss = self.train_step()
+                nonfinite |= ~torch.isfinite(loss.detach())
+                if self.step % check_every == 0 or self.step % self.row_steps == 0:
+                    self.diverged = bool(nonfinite)
+                bar.update(1)
+                final = self.step == self.total_steps
+                if self.diverged or final or self.step % self.row_steps == 0:
+                    row = self._end_row(t0, final)
+                    bar.set_postfix({k: round(v, 3) for k, v in row.items()
+                                     if k in ("train_loss", "test_error", "val_loss") and v is not None})
+                if time.perf_counter() - last_save >= self.config.checkpoint_every_s or (
+                        self.step % self.row_steps == 0 and not final):
+                    self.save_checkpoint(self._elapsed + time.perf_counter() - t0)
+                    last_save = time.perf_counter()
+        self._elapsed += time.perf_counter() - t0
         return self.history
 
-
-def fit(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, config: TrainConfig,
-        test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None,
-        progress: bool = False, **kwargs) -> list[dict[str, Any]]:
-    """Shortcut: `Trainer(model, ..., config, ...).fit(progress)`; returns the history."""
-    trainer = Trainer(model, train_images, train_labels, config, test_images, test_labels, **kwargs)
-    return trainer.fit(progress=progress)
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """`TrainConfig` as a JSON-able dict (tuples become lists)."""
-    d = asdict(config)
-    d["milestones"] = list(d["milestones"])
-    return d
+    def summary(self) -> dict[str, Any]:
+        """The last row's numbers as run metrics (the book's record keys), plus `steps` and `diverged`."""
+        last = self.history[-1] if self.history else {}
+        keys = ("test_error", "test_loss", "val_loss", "train_loss", "train_error")
+        out = {k: last.get(k) for k in keys if k in last}
+        out.update(steps=self.step, diverged=self.diverged)
+        return out

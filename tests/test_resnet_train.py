@@ -10,7 +10,7 @@ from torch import nn
 
 from normlab.ghost_bn import GhostBatchNorm2d, ghost_batch_norm, per_worker_reference, recompute_batchnorm_stats
 from normlab.models.resnet import BasicBlock, CIFARResNet, ShortcutA, resnet20
-from normlab.train import (TrainConfig, Trainer, lr_at, random_crop_flip, random_crop_flip_reference)
+from normlab.tasks import random_crop_flip, random_crop_flip_reference
 
 
 def n_params(m: nn.Module) -> int:
@@ -121,81 +121,6 @@ def test_vectorized_augmentation_equals_per_sample_loop():
         random_crop_flip(x[0])
 
 
-def test_trainer_batches_equal_the_per_sample_reference():
-    x, y = _tiny_data(40)
-    tr = Trainer(CIFARResNet(8, width=4, norm_layer=nn.BatchNorm2d), x, y, TrainConfig(batch_size=8, seed=5))
-    idx = torch.tensor([3, 1, 39, 3, 0])
-    state = tr.generator.get_state()
-    xb, yb = tr.prepare(idx)
-    ref = random_crop_flip_reference(x[idx], torch.Generator().set_state(state), padding=4)
-    torch.testing.assert_close(xb, (ref.float() - tr.mean) / tr.std, rtol=0, atol=0)
-    torch.testing.assert_close(yb, y[idx])
-
-
-# ----------------------------------------------------------------------------------------- trainer
-
-def _tiny_data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return x, y
-
-
-def _tiny_run(seed):
-    torch.manual_seed(seed)
-    x, y = _tiny_data()
-    m = CIFARResNet(8, norm_layer=ghost_batch_norm(2), width=4)
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, seed=seed, warmup_epochs=0.5)
-    return Trainer(m, x, y, cfg, x[:32], y[:32]).fit()
-
-
-def test_trainer_is_deterministic_and_records_history():
-    h1, h2 = _tiny_run(3), _tiny_run(3)
-    assert h1 == [dict(r, time_s=r["time_s"]) for r in h1]
-    strip = lambda h: [{k: v for k, v in r.items() if k != "time_s"} for r in h]  # noqa: E731
-    assert strip(h1) == strip(h2)
-    assert strip(h1) != strip(_tiny_run(4))
-    assert [r["epoch"] for r in h1] == [1, 2] and h1[-1]["step"] == 8
-    assert {"train_loss", "train_error", "test_loss", "test_error", "lr"} <= set(h1[-1])
-
-
-def test_after_backward_hook_sees_gradients_before_step():
-    x, y = _tiny_data(32)
-    m = CIFARResNet(8, norm_layer=nn.BatchNorm2d, width=4)
-    seen = []
-
-    def hook(model, step):
-        seen.append((step, model.fc.weight.grad is not None))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0)  # zero gradients: the step only decays
-
-    before = copy.deepcopy(m.fc.weight.detach())
-    Trainer(m, x, y, TrainConfig(epochs=1, batch_size=16, lr=0.1, weight_decay=0.0, momentum=0.0),
-            after_backward=hook).fit()
-    assert seen == [(0, True), (1, True)]
-    torch.testing.assert_close(m.fc.weight.detach(), before)
-
-
-def test_lr_schedules():
-    cfg = TrainConfig(epochs=10, lr=1.0, schedule="step", milestones=(0.5,), warmup_epochs=1)
-    assert lr_at(0, 100, 10, cfg) == pytest.approx(0.1) and lr_at(9, 100, 10, cfg) == pytest.approx(1.0)
-    assert lr_at(50, 100, 10, cfg) == 1.0 and lr_at(60, 100, 10, cfg) == pytest.approx(0.1)
-    cos = TrainConfig(epochs=10, lr=1.0, schedule="cosine")
-    assert lr_at(0, 100, 10, cos) == 1.0 and lr_at(50, 100, 10, cos) == pytest.approx(0.5)
-
-
-def test_trainer_rejects_bad_input():
-    x, y = _tiny_data(32)
-    m = CIFARResNet(8, width=4, norm_layer=nn.BatchNorm2d)
-    with pytest.raises(ValueError, match="uint8"):
-        Trainer(m, x.float(), y, TrainConfig())
-    with pytest.raises(ValueError, match="labels"):
-        Trainer(m, x, y[:5], TrainConfig())
-    with pytest.raises(ValueError, match="schedule"):
-        Trainer(m, x, y, TrainConfig(schedule="linear", batch_size=8))
-    with pytest.raises(ValueError, match="batch_size"):
-        Trainer(m, x, y, TrainConfig(batch_size=64))
-
-
 # --------------------------------------------------------------------------------------- ghost BN
 
 @pytest.mark.parametrize("impl", ["formula", "fused"])
@@ -292,10 +217,10 @@ def test_precise_bn_recomputes_population_statistics():
 # ---------------------------------------------------------------------------------- the experiment
 
 def test_gn_batch_size_smoke_profile_records_required_keys(tmp_path, monkeypatch):
-    from normlab import results
+    from normlab import sweep
     from normlab.experiments import gn_batch_size
 
-    record = results.sweep("gn_batch_size", "smoke", out=tmp_path / "smoke.json", device="cpu",
+    record = sweep.sweep("gn_batch_size", "smoke", out=tmp_path / "smoke.json", device="cpu",
                            progress=False, log=None)
     runs = record["runs"]
     assert {r["config"]["norm"] for r in runs} == {"bn", "gn"}
