@@ -1,4 +1,4 @@
-"""Command line: `python -m normlab list | run EXP --profile P [--device D] | show EXP [--profile P]`."""
+"""Command line: `python -m normlab list | run EXP --profile P [--parallel K] [--device D] | show EXP [--profile P]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import statistics
 import sys
 
-from . import results
+import torch
+
+from . import results, sweep
 from .experiments import available, get_experiment
 
 
@@ -39,9 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     run.add_argument("--out", default=None, help="result file (default: results/EXP/PROFILE.json)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    run.add_argument("--quiet", action="store_true", help="no per-run log lines and no summary")
+    run.add_argument("--parallel", type=int, default=1, metavar="K",
+                     help="K processes sharing the sweep (CPU: the cores are divided among them; "
+                          "GPU: they share the device)")
+    run.add_argument("--threads", type=int, default=None, metavar="T",
+                     help="intra-op CPU threads per process (default: torch's, or the cores divided by K)")
     show = sub.add_parser("show", help="print a recorded result")
     show.add_argument("experiment")
-    show.add_argument("--profile", default=None, help="default: full if recorded, else cpu")
+    show.add_argument("--profile", default=None, help="default: the profile the book shows (full, else cpu_long, else cpu)")
     args = parser.parse_args(argv)
 
     try:
@@ -54,10 +62,20 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # one broken experiment must not hide the others
                     summary = f"(cannot import: {type(e).__name__}: {e})"
                 print(f"{name:18s} recorded: {', '.join(recorded) or '-':16s} {summary}")
+        elif args.cmd == "run" and args.parallel > 1:
+            code = sweep.launch(args.experiment, args.profile, args.parallel, out=args.out, device=args.device,
+                                threads=args.threads)
+            if code:
+                return code
+            out = args.out or results.result_path(args.experiment, args.profile)
+            print(_show(results.load_path(out)))
         elif args.cmd == "run":
-            record = results.sweep(args.experiment, args.profile, out=args.out, device=args.device,
-                                   progress=not args.no_progress)
-            print(_show(record))
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            record = sweep.sweep(args.experiment, args.profile, out=args.out, device=args.device,
+                                 progress=not args.no_progress, log=None if args.quiet else print)
+            if not args.quiet:
+                print(_show(record))
         elif args.cmd == "show":
             print(_show(results.load(args.experiment, args.profile)))
     except (ValueError, FileNotFoundError) as e:

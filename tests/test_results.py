@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlab import results
+from normlab import results, sweep
 from normlab.__main__ import main
 
 # An experiment kept outside the package (a dotted module path), slow enough to be killed mid-sweep.
@@ -73,24 +73,24 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 def test_sweep_records_and_skips(slow_exp):
     tmp_path, _ = slow_exp
-    rec = results.sweep("extexp.slowexp", "cpu", log=None)
+    rec = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert [r["metrics"]["square"] for r in rec["runs"]] == [0, 1]
     assert rec["provenance"]["profile"] == "cpu" and rec["config"] == {"n": 2, "sleep": 0.0}
     started = (tmp_path / "started.log").read_text().splitlines()
-    rec2 = results.sweep("extexp.slowexp", "cpu", log=None)
+    rec2 = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert rec2["runs"] == rec["runs"]
     assert (tmp_path / "started.log").read_text().splitlines() == started, "a recorded run was run again"
     assert results.load("extexp.slowexp", "cpu") == rec2
 
 
 def test_sweep_refuses_a_changed_config(slow_exp):
-    results.sweep("extexp.slowexp", "cpu", log=None)
+    sweep.sweep("extexp.slowexp", "cpu", log=None)
     path = results.result_path("extexp.slowexp", "cpu")
     data = json.loads(path.read_text())
     data["config"]["n"] = 3
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="another configuration.*move it away"):
-        results.sweep("extexp.slowexp", "cpu", log=None)
+        sweep.sweep("extexp.slowexp", "cpu", log=None)
 
 
 def test_killed_sweep_resumes_without_losing_or_repeating_runs(slow_exp):
@@ -139,15 +139,39 @@ def test_two_processes_share_a_sweep(slow_exp):
     assert all(r["metrics"]["square"] == r["config"]["i"] ** 2 for r in record["runs"])
 
 
+def test_parallel_launches_k_processes_sharing_one_sweep(slow_exp, capsys, monkeypatch):
+    """`run --parallel 2`: two worker processes split the sweep; every run once; one summary at the end."""
+    tmp_path, env = slow_exp
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    assert main(["run", "extexp.slowexp", "--profile", "smoke", "--parallel", "2"]) == 0
+    started = [line.split() for line in (tmp_path / "started.log").read_text().splitlines()]
+    assert sorted(int(i) for _, i in started) == list(range(8)), "a run was started twice (or never)"
+    assert len({pid for pid, _ in started}) == 2, "one process did all the work"
+    assert "extexp.slowexp / smoke: 8 runs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--parallel must be >= 1"):
+        sweep.launch("extexp.slowexp", "smoke", 0)
+
+
+def test_results_are_strict_json_and_non_finite_numbers_become_null(tmp_path):
+    path = tmp_path / "r.json"
+    value, bad = results.finite({"metrics": {"loss": float("nan"), "ok": 1.5}, "history": [float("inf"), 2]})
+    assert bad and value == {"metrics": {"loss": None, "ok": 1.5}, "history": [None, 2]}
+    results.atomic_write_json(path, value)
+    assert json.loads(path.read_text()) == value
+    with pytest.raises(ValueError, match="Out of range float"):
+        results.atomic_write_json(path, {"x": float("nan")})
+    assert json.loads(path.read_text()) == value  # the failed write left the old file
+
+
 def test_a_dead_process_claim_is_taken_over(slow_exp):
     """A run claimed by a process that died (killed mid-run) is run by the next sweep, not skipped."""
     tmp_path, _ = slow_exp
     out = results.result_path("extexp.slowexp", "cpu")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with results._locked(out) as claims:
+    with sweep._locked(out) as claims:
         claims[results.run_key({"i": 1, "seed": 0})] = dead.pid
-    rec = results.sweep("extexp.slowexp", "cpu", log=None)
+    rec = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert [r["config"]["i"] for r in rec["runs"]] == [0, 1]
 
 

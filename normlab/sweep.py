@@ -1,0 +1,177 @@
+"""Running a sweep: every run of an experiment's profile, recorded as it finishes, resumable, shared.
+
+`sweep(EXP, PROFILE)` runs each run of `EXP.runs(PROFILES[PROFILE])` that `results/EXP/PROFILE.json`
+does not hold yet and appends it to that file as soon as it finishes (`normlab.results` writes it
+atomically). So a killed sweep loses at most the run in flight, and that one only up to its last
+checkpoint: each run gets a checkpoint file under `results/EXP/.checkpoints/PROFILE/` (ignored by git),
+which the trainer saves every epoch and every few minutes and resumes from; it is deleted once the run
+is recorded.
+
+Several processes started with the same command share one sweep: each claims a run before starting it
+(`PROFILE.json.claims`, under an exclusive `fcntl` lock); a claim left by a dead process is taken over.
+On a machine with c cores, c single-threaded processes finish a sweep of small models about c times
+sooner than one; on a GPU, several processes share the device. `launch(..., parallel=K)` starts K such
+processes and waits for them (`python -m normlab run EXP --profile P --parallel K`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .results import atomic_write_json, finite, load_path, provenance, result_path, run_key
+from .utils import default_device
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks; one process per sweep there
+    fcntl = None
+
+
+def checkpoint_path(out: Path, key: str) -> Path:
+    """Where the run `key` of the record `out` keeps its checkpoint (an ignored folder beside `out`)."""
+    return out.parent / ".checkpoints" / out.stem / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on `out`'s claims file; yields the claims `{run_key: pid}` to update."""
+    path = out.with_name(out.name + ".claims")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read()
+            claims = json.loads(text) if text.strip() else {}
+            yield claims
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(claims))
+            f.flush()
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _recorded(out: Path) -> set[str]:
+    return {r["key"] for r in load_path(out)["runs"]} if out.exists() else set()
+
+
+def sweep(
+    experiment: str,
+    profile: str,
+    out: Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run every run of `experiment`'s `profile` not yet in `out`, recording each as it finishes.
+
+    `out` defaults to `results/EXP/PROFILE.json`. Returns the complete record. Runs that another live
+    process of the same sweep has claimed are left to it (start one process per core to share a sweep).
+    """
+    from .experiments import get_experiment
+
+    module = get_experiment(experiment)
+    if profile not in module.PROFILES:
+        raise ValueError(f"{experiment} has no profile {profile!r}; choose one of {sorted(module.PROFILES)}")
+    device = default_device(device)
+    config = module.PROFILES[profile]
+    out = Path(out) if out is not None else result_path(experiment, profile)
+
+    existing = load_path(out) if out.exists() else None
+    if existing is not None and existing.get("config") != config:
+        raise ValueError(
+            f"{out} was recorded with another configuration of the {profile!r} profile; "
+            "move it away (or delete it) to record afresh"
+        )
+    new_record = {"experiment": experiment, "profile": profile,
+                  "provenance": provenance(profile, device), "config": config, "runs": []}
+    all_runs = module.runs(config)
+    done = {r["key"] for r in existing["runs"]} if existing is not None else set()
+    if log and done:
+        log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(all_runs) - len(done)} to go")
+    for i, run_config in enumerate(all_runs):
+        key = run_key(run_config)
+        if key in done:
+            continue
+        with _locked(out) as claims:  # claim the run, unless it was recorded or claimed meanwhile
+            owner = claims.get(key)
+            if key in _recorded(out) or (owner is not None and owner != os.getpid() and _alive(owner)):
+                continue
+            claims[key] = os.getpid()
+        if log:
+            log(f"[{i + 1}/{len(all_runs)}] {experiment} {key}")
+        t0 = time.perf_counter()
+        ckpt = checkpoint_path(out, key)
+        if log and ckpt.exists():
+            log(f"  resuming from checkpoint {ckpt}")
+        try:
+            # experiments that train take a checkpoint file (benchmarks and probes do not)
+            resumable = "checkpoint" in inspect.signature(module.run_one).parameters
+            result = module.run_one(run_config, config, device=device, progress=progress,
+                                    **({"checkpoint": ckpt} if resumable else {}))
+        except BaseException:
+            with _locked(out) as claims:
+                claims.pop(key, None)
+            raise
+        wall = time.perf_counter() - t0
+        result, nonfinite = finite(result)
+        if nonfinite:  # JSON has no NaN/inf: they became null, and the run says why
+            result.setdefault("metrics", {}).setdefault("diverged", True)
+        with _locked(out) as claims:  # re-read the record: other processes may have added runs meanwhile
+            claims.pop(key, None)
+            record = load_path(out) if out.exists() else new_record
+            record["runs"].append({"key": key, "config": run_config, "seed": run_config.get("seed"),
+                                   **result, "wall_s": round(wall, 2)})
+            # the sum of the runs' wall times (with several processes, more than the elapsed time)
+            record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
+            atomic_write_json(out, record)
+        ckpt.unlink(missing_ok=True)  # recorded: the checkpoint has done its job
+    if not out.exists():
+        atomic_write_json(out, new_record)
+    return load_path(out)
+
+
+
+
+def launch(experiment: str, profile: str, parallel: int, out: str | Path | None = None,
+           device: str | None = None, threads: int | None = None) -> int:
+    """Start `parallel` processes sharing one sweep (`python -m normlab run ...`) and wait for them all.
+
+    Each gets `threads` intra-op threads (default: the CPU count divided among them; on a GPU the
+    device does the work). Returns the first non-zero exit code, else 0.
+    """
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    cmd = [sys.executable, "-m", "normlab", "run", experiment, "--profile", profile, "--no-progress", "--quiet",
+           "--threads", str(threads)]
+    cmd += ["--out", str(out)] if out is not None else []
+    cmd += ["--device", device] if device is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(parallel)]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
