@@ -38,8 +38,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Split", "fashion_mnist", "cifar10", "tiny_shakespeare", "cache_dir",
-           "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES"]
+__all__ = ["Split", "fashion_mnist", "cifar10", "tiny_shakespeare", "cache_dir", "load", "subset", "resize",
+           "char_split", "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES"]
 
 #: Label order of CIFAR-10 (Krizhevsky, 2009); image folders are matched by these names.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -470,3 +470,68 @@ def tiny_shakespeare(root: str | os.PathLike | None = None) -> str:
         "export NORMLAB_DATA=/path/to/data with input.txt in /path/to/data/tinyshakespeare/",
         f"or save {TINY_SHAKESPEARE_URL} as {cache_dir() / 'tinyshakespeare' / 'input.txt'}",
         "or run once with internet access (downloads into the user cache)"], root)
+
+
+# ---------------------------------------------------------------- by name, subsets, resolution, tokens
+
+def load(name: str) -> Split:
+    """A split by the name the experiments' configs use: `"cifar10"` or `"fashion_mnist"`."""
+    loaders = {"cifar10": cifar10, "fashion_mnist": fashion_mnist}
+    if name not in loaders:
+        raise ValueError(f"dataset must be one of {sorted(loaders)}, got {name!r}")
+    return loaders[name]()
+
+
+def subset(split: Split, n_train: int | None, n_test: int | None, seed: int,
+           test_seed: int | None = None) -> Split:
+    """Random subsets of `n_train` training and `n_test` test images (None or too many: all of them).
+
+    Drawn with `torch.randperm` from a generator seeded with `seed` (training first, then test from the
+    same generator, or from one seeded with `test_seed` if given), so a seed fixes the subset.
+    """
+    g = torch.Generator().manual_seed(seed)
+    g_test = g if test_seed is None else torch.Generator().manual_seed(test_seed)
+
+    def pick(x, y, n, gen):
+        if n is None or n >= len(x):
+            return x, y
+        idx = torch.randperm(len(x), generator=gen)[:n]
+        return x[idx], y[idx]
+
+    trx, try_ = pick(split.train_images, split.train_labels, n_train, g)
+    tex, tey = pick(split.test_images, split.test_labels, n_test, g_test)
+    return Split(trx, try_, tex, tey, split.source)
+
+
+def resize(split: Split, size: int) -> Split:
+    """Images at `size` x `size`: 28-px Fashion-MNIST zero-padded to 32 first (so CIFAR ResNets' stages
+    line up), then a box filter ("area") down to `size`, rounded back to uint8."""
+    images = [split.train_images, split.test_images]
+    if images[0].shape[-1] == 28:
+        images = [torch.nn.functional.pad(t, (2,) * 4) for t in images]
+    full = images[0].shape[-1]
+    if size != full:
+        if full % size:
+            raise ValueError(f"image_size {size} must divide the image size {full}")
+        images = [torch.nn.functional.interpolate(t.float(), size=(size, size), mode="area")
+                  .round().clamp(0, 255).to(torch.uint8) for t in images]
+    source = split.source + (f", downsampled to {size}x{size}" if size != split.train_images.shape[-1] else "")
+    return Split(images[0], split.train_labels, images[1], split.test_labels, source)
+
+
+def char_split(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Tiny Shakespeare as int64 character ids: (train, validation, vocabulary).
+
+    The vocabulary is every character of the whole text, sorted (65 for the standard file); the split
+    is contiguous — the first `1 - val_fraction` of the text trains, the rest validates — so no
+    validation window overlaps a training window.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    text = tiny_shakespeare()
+    vocab = "".join(sorted(set(text)))
+    lookup = torch.zeros(max(map(ord, vocab)) + 1, dtype=torch.int64)
+    lookup[torch.tensor([ord(c) for c in vocab])] = torch.arange(len(vocab))
+    ids = lookup[torch.tensor([ord(c) for c in text])]
+    n_train = int(len(ids) * (1 - val_fraction))
+    return ids[:n_train], ids[n_train:], vocab

@@ -180,9 +180,9 @@ def test_variants_experiment_keeps_the_learning_rate_per_image():
 
 
 def test_variants_smoke_profile_trains_batch_renorm(tmp_path):
-    from normlab import results
+    from normlab import sweep
 
-    record = results.sweep("gn_batch_size_variants", "smoke", out=tmp_path / "smoke.json", device="cpu",
+    record = sweep.sweep("gn_batch_size_variants", "smoke", out=tmp_path / "smoke.json", device="cpu",
                            progress=False, log=None)
     brn = [r for r in record["runs"] if r["config"]["norm"] == "brn"]
     assert len(brn) == 1 and 0 <= brn[0]["metrics"]["test_error"] <= 100

@@ -163,11 +163,14 @@ def test_bad_inputs():
 
 # ------------------------------------------------------------------------------------- the experiment
 
-def test_lr_schedule():
-    lr = [prepost_ln.lr_at(t, 1.0, 4, 12) for t in range(1, 13)]
+def test_lr_schedule_is_xiong_et_al_warmup_then_linear_decay():
+    from normlab.train import TrainConfig, lr_at
+
+    cfg = TrainConfig(steps=12, epochs=None, lr=1.0, schedule="linear", warmup=4)
+    lr = [lr_at(s, 12, 4, cfg) for s in range(12)]
     assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lr[-1] == pytest.approx(1 / 8) and all(a >= b for a, b in zip(lr[3:], lr[4:]))
-    assert prepost_ln.lr_at(1, 1.0, 0, 10) == 1.0
+    assert lr_at(0, 10, 0, cfg) == 1.0
 
 
 def test_char_data_split():
@@ -180,7 +183,8 @@ def test_char_data_split():
 
 
 def test_smoke_profile_records_the_keys(tmp_path):
-    from normlab.results import runs_where, sweep
+    from normlab.results import runs_where
+    from normlab.sweep import sweep
 
     config = prepost_ln.PROFILES["smoke"]
     record = sweep("prepost_ln", "smoke", out=tmp_path / "smoke.json", device="cpu", progress=False, log=None)

@@ -29,6 +29,7 @@ from torch import nn
 from ..batch_renorm import batch_renorm, renorm_schedule
 from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
 from ..models.resnet import CIFARResNet
+from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig
 from ..utils import seed_all
 
@@ -96,32 +97,10 @@ def load_data(config: dict[str, Any]):
 def _load_data(config: dict[str, Any]):
     from .. import data
 
-    if config["dataset"] == "cifar10":
-        split = data.cifar10()
-    elif config["dataset"] == "fashion_mnist":
-        split = data.fashion_mnist()
-    else:
-        raise ValueError(f"dataset must be 'cifar10' or 'fashion_mnist', got {config['dataset']!r}")
-    g = torch.Generator().manual_seed(config["subset_seed"])
-
-    def subset(x, y, n):
-        if n is None or n >= len(x):
-            return x, y
-        idx = torch.randperm(len(x), generator=g)[:n]
-        return x[idx], y[idx]
-
-    trx, try_ = subset(split.train_images, split.train_labels, config["train_subset"])
-    tex, tey = subset(split.test_images, split.test_labels, config["test_subset"])
-    if trx.shape[-1] == 28:  # Fashion-MNIST is 28x28: pad to 32 so the CIFAR ResNet's stages line up
-        trx, tex = (torch.nn.functional.pad(t, (2,) * 4) for t in (trx, tex))
-    size = config["image_size"]
-    if size != trx.shape[-1]:  # box-filter downsampling ("area"), rounded back to uint8
-        if trx.shape[-1] % size:
-            raise ValueError(f"image_size {size} must divide the image size {trx.shape[-1]}")
-        trx, tex = (torch.nn.functional.interpolate(t.float(), size=(size, size), mode="area")
-                    .round().clamp(0, 255).to(torch.uint8) for t in (trx, tex))
-    source = split.source + (f", downsampled to {size}x{size}" if size != split.train_images.shape[-1] else "")
-    return trx, try_, tex, tey, source
+    split = data.load(config["dataset"])
+    split = data.resize(data.subset(split, config["train_subset"], config["test_subset"], config["subset_seed"]),
+                        config["image_size"])
+    return split.train_images, split.train_labels, split.test_images, split.test_labels, split.source
 
 
 def norm_layer(norm: str, config: dict[str, Any]):
@@ -156,36 +135,38 @@ def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     k, n = config["workers"], run["batch_size"]
     return TrainConfig(epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32,
                        momentum=config["momentum"], weight_decay=config["weight_decay"],
-                       schedule=config["schedule"], warmup_epochs=config["warmup_epochs"],
-                       eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],
-                       padding=config["padding"])
+                       schedule=config["schedule"], warmup=config["warmup_epochs"],
+                       eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"])
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False,
+            checkpoint=None):
     trx, try_, tex, tey, source = load_data(config)
     seed_all(run["seed"])  # model initialization
     model = CIFARResNet(config["depth"], num_classes=10, norm_layer=norm_layer(run["norm"], config),
                         width=config["width"], shortcut=config["shortcut"],
                         zero_init_residual=config["zero_init_residual"], in_channels=trx.shape[1])
     tc = train_config(run, config)
-    trainer = Trainer(model, trx, try_, tc, tex, tey, device=device)
-    if run["norm"] == "brn":
-        trainer.after_backward = renorm_schedule(trainer.total_steps, config["brn_r_max"], config["brn_d_max"],
-                                                 hold=config["brn_hold"], ramp=config["brn_ramp"])
+    task = ImageClassification(trx, try_, tex, tey, padding=config["padding"])
+    hooks = [brn_limits(tc, task, config)] if run["norm"] == "brn" else []
+    trainer = Trainer(model, task, tc, hooks=hooks, checkpoint=checkpoint, device=device)
     history = trainer.fit(progress=progress, desc=f"{run['norm']} N={run['batch_size']} seed={run['seed']}")
-    last = history[-1]
-    metrics: dict[str, Any] = {
-        "test_error": last["test_error"], "test_loss": last["test_loss"], "train_error": last["train_error"],
-        "train_loss": last["train_loss"], "steps": trainer.step_count, "lr": tc.lr,
-        "total_batch": tc.batch_size, "diverged": bool(last.get("diverged", False)), "data": source,
-    }
+    metrics = {**trainer.summary(), "lr": tc.lr, "total_batch": tc.batch_size, "data": source}
     if run["norm"] in ("bn", "brn"):  # precise BN: population statistics recomputed after training
         n = min(config["precise_bn_images"], len(trx))
-        batches = ((trx[i: i + config["precise_bn_batch"]].to(trainer.device).float() - trainer.mean) / trainer.std
+        batches = (task.normalize(task.x[i: i + config["precise_bn_batch"]])
                    for i in range(0, n, config["precise_bn_batch"]))
         recompute_batchnorm_stats(trainer.model, batches)
         metrics["test_error_precise_bn"] = trainer.evaluate()["test_error"]
     return {"metrics": metrics, "history": history}
+
+
+def brn_limits(tc: TrainConfig, task: ImageClassification, config: dict[str, Any]):
+    """Batch Renorm's r_max/d_max schedule as a trainer hook (BN for `brn_hold`, then a ramp)."""
+    total = task.num_train // tc.batch_size * tc.epochs
+    schedule = renorm_schedule(total, config["brn_r_max"], config["brn_d_max"], hold=config["brn_hold"],
+                               ramp=config["brn_ramp"])
+    return lambda trainer: schedule(trainer.model, trainer.step)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,5 +26,5 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             for seed in config["seeds"] for depth, width in config["models"] for norm in ("bn", "gn")]
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
-    return base.run_one(run, {**config, "depth": run["depth"], "width": run["width"]}, device, progress)
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False, checkpoint=None):
+    return base.run_one(run, {**config, "depth": run["depth"], "width": run["width"]}, device, progress, checkpoint)

@@ -27,5 +27,5 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             for n in config["batch_sizes"] for norm in config["norms"]]
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
-    return base.run_one(run, {**config, "epochs": run["epochs"]}, device, progress)
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False, checkpoint=None):
+    return base.run_one(run, {**config, "epochs": run["epochs"]}, device, progress, checkpoint)

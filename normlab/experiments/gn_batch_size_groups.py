@@ -28,5 +28,5 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             for seed in config["seeds"] for g in config["group_list"]]
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
-    return base.run_one(run, {**config, "gn_groups": run["gn_groups"]}, device, progress)
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False, checkpoint=None):
+    return base.run_one(run, {**config, "gn_groups": run["gn_groups"]}, device, progress, checkpoint)

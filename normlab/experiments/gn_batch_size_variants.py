@@ -60,8 +60,8 @@ def run_config(run: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
             "base_lr": config["base_lr"] * k / config["reference_workers"]}
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False):
-    return base.run_one(run, run_config(run, config), device, progress)
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False, checkpoint=None):
+    return base.run_one(run, run_config(run, config), device, progress, checkpoint)
 
 
 #: Wu & He (2018), Section 4.1: ResNet-50 on ImageNet at 4 images per worker, top-1 error (%).

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..nf import NFResNet, PreActResNet, adaptive_grad_clip_, agc_parameters, signal_propagation
+from ..nf import NFResNet, PreActResNet, agc_hook, agc_parameters, signal_propagation
+from ..tasks import ImageClassification, channel_stats
+from ..train import Trainer, TrainConfig
 from ..utils import seed_all
 
 _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3, "momentum": 0.9,
@@ -72,20 +73,15 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
 def _dataset(name: str):
     from .. import data
 
-    if name == "cifar10":
-        return data.cifar10()
-    if name == "fashion_mnist":
-        return data.fashion_mnist()
-    raise ValueError(f"dataset must be 'cifar10' or 'fashion_mnist', got {name!r}")
+    return data.load(name)
 
 
 def _split(config: dict[str, Any], seed: int):
     """A seeded training subset and a fixed test subset (the same for every run and seed)."""
-    d = _dataset(config["dataset"])
-    g = torch.Generator().manual_seed(seed)
-    train_idx = torch.randperm(len(d.train_labels), generator=g)[: config["train_size"]]
-    test_idx = torch.randperm(len(d.test_labels), generator=torch.Generator().manual_seed(12345))[: config["test_size"]]
-    return d.train_images[train_idx], d.train_labels[train_idx], d.test_images[test_idx], d.test_labels[test_idx]
+    from .. import data
+
+    d = data.subset(_dataset(config["dataset"]), config["train_size"], config["test_size"], seed, test_seed=12345)
+    return d.train_images, d.train_labels, d.test_images, d.test_labels
 
 
 def build_model(kind: str, model: str, config: dict[str, Any], in_channels: int, depth: int | None = None) -> nn.Module:
@@ -103,8 +99,6 @@ def build_model(kind: str, model: str, config: dict[str, Any], in_channels: int,
 
 
 def _run_spp(run: dict[str, Any], config: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from ..train import channel_stats
-
     gen = seed_all(run["seed"])
     x_train, _, x_test, _ = _split(config, run["seed"])
     mean, std = channel_stats(x_train)
@@ -121,75 +115,40 @@ def _run_spp(run: dict[str, Any], config: dict[str, Any], device: torch.device) 
             "history": history}
 
 
-class _Diverged(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"non-finite gradients at step {step}")
-        self.step = step
-
-
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _run_train(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool) -> dict[str, Any]:
-    from ..train import Trainer, TrainConfig
-
+def _run_train(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool,
+               checkpoint=None) -> dict[str, Any]:
     seed_all(run["seed"])
     x_train, y_train, x_test, y_test = _split(config, run["seed"])
     model = build_model("train", run["model"], config, x_train.shape[1]).to(device)
     tc = TrainConfig(epochs=config["epochs"], batch_size=config["batch_size"], lr=run["lr"],
                      momentum=config["momentum"], nesterov=config["nesterov"],
                      weight_decay=config["weight_decay"], schedule=config["schedule"],
-                     warmup_epochs=config["warmup_epochs"], seed=run["seed"])
-    use_agc = run["model"] == "nf"
-    clip_params = agc_parameters(model) if use_agc else []
-    all_params = [p for p in model.parameters()]
-    clip_fraction: list[float] = []
-
-    def after_backward(m: nn.Module, step: int) -> None:
-        if use_agc:  # AGC leaves NaN gradients NaN, so the check below still sees them
-            clip_fraction.append(adaptive_grad_clip_(clip_params, clip=config["agc_clip"], eps=config["agc_eps"]))
-        total = torch.stack([p.grad.detach().abs().amax() for p in all_params if p.grad is not None]).amax()
-        if not torch.isfinite(total):
-            raise _Diverged(step)
-
-    trainer = Trainer(model, x_train, y_train, tc, x_test, y_test, after_backward=after_backward, device=device)
-    t0 = time.perf_counter()
-    diverged_step = None
-    try:
-        history = trainer.fit(progress=progress, desc=f"{run['model']} lr={run['lr']}")
-    except _Diverged as e:  # stop now, record the epochs done and the partial one
-        diverged_step = e.step
-        history = trainer.history
-        history.append({"epoch": len(history) + 1, "step": e.step, "diverged": True, **trainer.evaluate(),
-                        "time_s": round(time.perf_counter() - t0, 2)})
+                     warmup=config["warmup_epochs"], seed=run["seed"])
+    hooks = [agc_hook(agc_parameters(model), clip=config["agc_clip"], eps=config["agc_eps"])] \
+        if run["model"] == "nf" else []
+    trainer = Trainer(model, ImageClassification(x_train, y_train, x_test, y_test), tc, hooks=hooks,
+                      checkpoint=checkpoint, device=device)
+    history = trainer.fit(progress=progress, desc=f"{run['model']} lr={run['lr']}")
     exploded = 10 * math.log(int(y_train.max()) + 1)  # 10x the loss of a uniform guess
-    diverged = diverged_step is not None or any(
-        r.get("diverged") or (r.get("train_loss") is not None and not r["train_loss"] < exploded) for r in history)
-    if diverged and diverged_step is None:
-        diverged_step = history[-1]["step"]
-    spe = trainer.steps_per_epoch
-    for row in history:  # JSON has no NaN: non-finite numbers become null
-        for k, v in list(row.items()):
-            if isinstance(v, float):
-                row[k] = _finite(v)
-        if use_agc:
-            done = clip_fraction[(row["epoch"] - 1) * spe: row["epoch"] * spe]
-            row["agc_clip_fraction"] = round(sum(done) / len(done), 4) if done else None
-    last = history[-1]
-    metrics = {"test_error": last.get("test_error"), "test_loss": last.get("test_loss"),
-               "train_loss": last.get("train_loss"), "diverged": diverged, "diverged_step": diverged_step,
-               "steps": trainer.step_count, "epochs_done": len(history)}
-    if use_agc and clip_fraction:
-        metrics["agc_clip_fraction"] = round(sum(clip_fraction) / len(clip_fraction), 4)
+    blown = next((r["step"] for r in history if r.get("train_loss") is not None and not r["train_loss"] < exploded), None)
+    metrics = {**trainer.summary(), "epochs_done": len(history)}
+    metrics["diverged"] = trainer.diverged or blown is not None
+    metrics["diverged_step"] = history[-1]["step"] if trainer.diverged else blown
+    clipped = [r["agc_clip_fraction"] for r in history if r.get("agc_clip_fraction") is not None]
+    if clipped:
+        metrics["agc_clip_fraction"] = sum(clipped) / len(clipped)
     return {"metrics": metrics, "history": history}
 
 
 def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | str = "cpu",
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, checkpoint=None) -> dict[str, Any]:
     device = torch.device(device)
     if run["kind"] == "spp":
         return _run_spp(run, config, device)
     if run["kind"] == "train":
-        return _run_train(run, config, device, progress)
+        return _run_train(run, config, device, progress, checkpoint)
     raise ValueError(f"run kind must be 'spp' or 'train', got {run['kind']!r}")

@@ -21,9 +21,10 @@ import math
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from normlab.models.transformer import Transformer
+from normlab.tasks import CharLM
+from normlab.train import Trainer, TrainConfig, log_grad_norm
 from normlab.utils import seed_all
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -93,50 +94,10 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 @functools.lru_cache(maxsize=4)
 def char_data(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Tiny Shakespeare as int64 character ids: (train, validation, vocabulary).
+    """`normlab.data.char_split`, cached per process (the sweep's runs share one encoding)."""
+    from normlab.data import char_split
 
-    The vocabulary is every character of the whole text, sorted (65 for the standard file); the split
-    is contiguous — the first `1 - val_fraction` of the text trains, the rest validates — so no
-    validation window overlaps a training window.
-    """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    from normlab.data import tiny_shakespeare
-
-    text = tiny_shakespeare()
-    vocab = "".join(sorted(set(text)))
-    lookup = torch.zeros(max(map(ord, vocab)) + 1, dtype=torch.int64)
-    lookup[torch.tensor([ord(c) for c in vocab])] = torch.arange(len(vocab))
-    ids = lookup[torch.tensor([ord(c) for c in text])]
-    n_train = int(len(ids) * (1 - val_fraction))
-    return ids[:n_train], ids[n_train:], vocab
-
-
-def random_batch(data: torch.Tensor, batch_size: int, context: int, generator: torch.Generator,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` windows at random offsets: inputs `data[i:i+T]`, targets `data[i+1:i+T+1]`."""
-    starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=generator)
-    idx = starts[:, None] + torch.arange(context + 1)
-    windows = data[idx].to(device)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def val_windows(data: torch.Tensor, n: int, context: int) -> torch.Tensor:
-    """`n` evenly spaced windows of length `context + 1` over the validation text (the same for every run)."""
-    starts = torch.linspace(0, len(data) - context - 1, n).long()
-    return data[starts[:, None] + torch.arange(context + 1)]
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Mean validation cross-entropy (nats/char) over `windows`."""
-    model.eval()
-    total = 0.0
-    for chunk in windows.split(batch_size):
-        chunk = chunk.to(device)
-        total += model.loss(chunk[:, :-1], chunk[:, 1:]).item() * len(chunk)
-    model.train()
-    return total / len(windows)
+    return char_split(val_fraction)
 
 
 def build(run: dict[str, Any], config: dict[str, Any], vocab_size: int, device: torch.device) -> Transformer:
@@ -146,33 +107,24 @@ def build(run: dict[str, Any], config: dict[str, Any], vocab_size: int, device: 
 
 # ------------------------------------------------------------------------------------------- studies
 
-def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then linear decay to 0 at `total_steps`:
-    $\\eta_t = \\eta_{\\max}\\min\\big(t/W,\\ (T - t)/(T - W)\\big)$ for 1-based step $t$ (no warmup: W = 0)."""
-    if warmup_steps and step <= warmup_steps:
-        return peak * step / warmup_steps
-    return peak * max(0.0, (total_steps - step + 1) / (total_steps - warmup_steps))
-
-
 def grad_at_init(run: dict[str, Any], config: dict[str, Any], device: torch.device) -> dict[str, Any]:
     r"""$\lVert \partial \mathcal{L} / \partial W^2_l \rVert_F$ per layer $l$ (input side first) at initialization,
     averaged over `batches` real training batches; also $W^1$ and the attention output $W^O$."""
-    train, _, vocab = char_data(config["val_fraction"])
+    task = lm_task(config).to(device)
     gen = seed_all(run["seed"])
-    model = build(run, config, len(vocab), device)
+    model = build(run, config, len(char_data(config["val_fraction"])[2]), device)
     n = config["grad_at_init"]["batches"]
     sums = {"w2": torch.zeros(run["depth"]), "w1": torch.zeros(run["depth"]), "wo": torch.zeros(run["depth"])}
+    weights = {"w2": [b.ffn.w2.weight for b in model.blocks], "w1": [b.ffn.w1.weight for b in model.blocks],
+               "wo": [b.attn.proj.weight for b in model.blocks]}
     losses = []
     for _ in range(n):
-        x, y = random_batch(train, config["batch_size"], config["model"]["context"], gen, device)
-        model.zero_grad(set_to_none=True)
+        x, y = task.batch(config["batch_size"], gen)
         loss = model.loss(x, y)
-        loss.backward()
+        grads = torch.autograd.grad(loss, [w for ws in weights.values() for w in ws])
         losses.append(loss.item())
-        for l, block in enumerate(model.blocks):
-            sums["w2"][l] += block.ffn.w2.weight.grad.norm().item()
-            sums["w1"][l] += block.ffn.w1.weight.grad.norm().item()
-            sums["wo"][l] += block.attn.proj.weight.grad.norm().item()
+        for i, name in enumerate(weights):
+            sums[name] += torch.stack([g.norm() for g in grads[i * run["depth"]:(i + 1) * run["depth"]]]).cpu()
     by_layer = {k: [round(v / n, 6) for v in s.tolist()] for k, s in sums.items()}
     w2 = by_layer["w2"]
     return {"metrics": {"grad_norm_by_layer": w2, "grad_norm_by_layer_w1": by_layer["w1"],
@@ -181,55 +133,41 @@ def grad_at_init(run: dict[str, Any], config: dict[str, Any], device: torch.devi
             "history": []}
 
 
-def train(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool) -> dict[str, Any]:
-    """Adam (β = 0.9, 0.98; Xiong et al. 2020) from Xavier init, no dropout, no clipping, no weight decay."""
+def lm_task(config: dict[str, Any]) -> CharLM:
+    train_ids, val_ids, _ = char_data(config["val_fraction"])
+    return CharLM(train_ids, val_ids, config["model"]["context"], eval_windows=config["eval_windows"],
+                  eval_batch_size=config["batch_size"] * 4)
+
+
+def train(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool,
+          checkpoint=None) -> dict[str, Any]:
+    """Adam (β = 0.9, 0.98; Xiong et al. 2020) from Xavier init, no dropout, no clipping, no weight decay;
+    linear warmup over `warmup_steps`, then linear decay to zero."""
     study = config["train"] if run["study"] == "train" else config["depth"]
-    train_ids, val_ids, vocab = char_data(config["val_fraction"])
-    windows = val_windows(val_ids, config["eval_windows"], config["model"]["context"])
-    gen = seed_all(run["seed"])
+    seed_all(run["seed"])
+    vocab = char_data(config["val_fraction"])[2]
     model = build(run, config, len(vocab), device)
-    opt = torch.optim.Adam(model.parameters(), lr=run["lr"], betas=(0.9, 0.98), eps=1e-8)
-    steps, eval_every, log_every = study["steps"], study["eval_every"], study["log_every"]
+    tc = TrainConfig(steps=study["steps"], epochs=None, batch_size=config["batch_size"], optimizer="adamw",
+                     lr=run["lr"], betas=(0.9, 0.98), adam_eps=1e-8, weight_decay=0.0, schedule="linear",
+                     warmup=run["warmup_steps"], eval_every=study["eval_every"], log_every=study["log_every"],
+                     seed=run["seed"])
+    trainer = Trainer(model, lm_task(config), tc, hooks=[log_grad_norm], checkpoint=checkpoint, device=device)
+    history = trainer.fit(progress=progress, desc=f"{run['placement']}-LN lr={run['lr']}")
+    final = history[-1].get("val_loss")
     divergence_threshold = math.log(len(vocab)) + 1.0  # worse than guessing uniformly, by a margin
-    history: list[dict[str, Any]] = []
-    window_loss, window_n, diverged = 0.0, 0, False
-    for step in tqdm(range(1, steps + 1), disable=not progress, desc=f"{run['placement']}-LN lr={run['lr']}",
-                     leave=False):
-        lr = lr_at(step, run["lr"], run["warmup_steps"], steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = random_batch(train_ids, config["batch_size"], config["model"]["context"], gen, device)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
-        opt.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            diverged = True
-            history.append({"step": step, "lr": lr, "train_loss": None, "val_loss": None, "grad_norm": None})
-            break
-        window_loss, window_n = window_loss + value, window_n + 1
-        if step % log_every == 0 or step == steps:
-            entry = {"step": step, "lr": round(lr, 8), "train_loss": round(window_loss / window_n, 4),
-                     "grad_norm": round(grad_norm, 4)}
-            window_loss, window_n = 0.0, 0
-            if step % eval_every == 0 or step == steps:
-                entry["val_loss"] = round(evaluate(model, windows, config["batch_size"] * 4, device), 4)
-            history.append(entry)
-    final = None if diverged else history[-1]["val_loss"]
-    diverged = diverged or final is None or final > divergence_threshold
-    return {"metrics": {"final_val_loss": final, "diverged": diverged,
+    return {"metrics": {"final_val_loss": final,
+                        "diverged": trainer.diverged or final is None or final > divergence_threshold,
                         "best_val_loss": min((h["val_loss"] for h in history if h.get("val_loss") is not None),
                                              default=None)},
             "history": history}
 
 
-def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False) -> dict[str, Any]:
+def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False,
+            checkpoint=None) -> dict[str, Any]:
     if run["study"] == "grad_at_init":
         return grad_at_init(run, config, device)
     if run["study"] in ("train", "depth"):
-        return train(run, config, device, progress)
+        return train(run, config, device, progress, checkpoint)
     raise ValueError(f"unknown study {run['study']!r}; expected grad_at_init, train or depth")
 
 

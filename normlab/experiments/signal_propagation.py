@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data import fashion_mnist
-from ..norms import BatchNorm1d, LayerNorm
+from ..models.small import PlainMLP
 from ..utils import seed_all
 
 #: Weight inits, as the variance multiplier sigma_w^2 in Var(W_ij) = sigma_w^2 / fan_in.
@@ -41,30 +41,6 @@ PROFILES = {
 
 def runs(config: dict) -> list[dict]:
     return [{"init": i, "norm": n, "seed": s} for i in config["inits"] for n in config["norms"] for s in config["seeds"]]
-
-
-class PlainMLP(nn.Module):
-    """`depth` blocks of Linear -> norm -> ReLU, then a linear classifier. No residual connections."""
-
-    def __init__(self, in_features: int, width: int, depth: int, num_classes: int, norm: str, sigma_w2: float):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            linear = nn.Linear(in_features if i == 0 else width, width)
-            # Biases are zero so the weight variance alone decides the signal's scale.
-            nn.init.normal_(linear.weight, std=math.sqrt(sigma_w2 / linear.in_features))
-            nn.init.zeros_(linear.bias)
-            norm_layer = {"none": nn.Identity, "batchnorm": BatchNorm1d, "layernorm": LayerNorm}[norm]
-            layers.append(nn.Sequential(linear, norm_layer(width) if norm != "none" else nn.Identity(), nn.ReLU()))
-        self.blocks = nn.ModuleList(layers)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        acts = []
-        for block in self.blocks:
-            x = block(x)
-            acts.append(x)
-        return self.head(x), acts
 
 
 def input_batch(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..bench import compare
 from ..models.resnet import CIFARResNet
+from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig
 from ..utils import seed_all
 
@@ -48,11 +49,11 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
         return CIFARResNet(config["depth"], width=config["width"], norm_layer=nn.BatchNorm2d).to(device)
 
     tc = TrainConfig(epochs=1, batch_size=b, lr=0.01, schedule="cosine", seed=run["seed"])
-    trainer = Trainer(model(), images, labels, tc, device=device)
+    trainer = Trainer(model(), ImageClassification(images, labels), tc, device=device)
 
     bare_model = model()
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    xs = ((images.float() - trainer.mean) / trainer.std)  # pre-normalized once: the bare loop's best case
+    xs = trainer.task.normalize(images)  # pre-normalized once: the bare loop's best case
 
     def bare_epoch() -> None:
         for i in range(steps):
@@ -64,8 +65,10 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
         loss.item()  # the trainer syncs once per epoch too
 
     def trainer_epoch() -> None:
-        trainer.step_count = 0  # keep the schedule in range across repeats
-        trainer.train_epoch(max_steps=steps)
+        trainer.step = 0  # keep the schedule in range across repeats
+        for _ in range(steps):
+            loss = trainer.train_step()
+        loss.item()
 
     stats = compare({"trainer": trainer_epoch, "bare": bare_epoch}, repeats=config["repeats"],
                     warmup=config["warmup"], device=device)
