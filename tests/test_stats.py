@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from normlab import stats
+from normlab import bench, stats
 from normlab.stats import (CLAIM_VERDICTS, DOES_NOT_HOLD, HOLDS, MEASURED_VERDICTS, NOT_TESTED, VERDICTS,
                            WITHIN_NOISE, Interval, median_iqr, paired_difference, ratio_of_medians, t_quantile,
                            unpaired_difference, verdict, verdict_table)
@@ -357,6 +357,22 @@ def test_median_iqr_uses_the_exclusive_quartiles():
     assert median_iqr([7.0]) == (7.0, 7.0, 7.0)
     with pytest.raises(ValueError, match="at least one value"):
         median_iqr([])
+
+
+def test_summarize_reports_median_iqr():
+    t = [0.3, 0.1, 0.2, 0.5, 0.4]
+    q = median_iqr(t)
+    assert bench.summarize(t) == {"median": q.median, "q25": q.q25, "q75": q.q75, "min": 0.1, "repeats": 5}
+
+
+def test_compare_returns_the_raw_times_of_every_repeat():
+    out = bench.compare({"a": lambda: sum(range(50)), "b": lambda: None}, repeats=5, warmup=0)
+    for s in out.values():
+        assert set(s) == {"median", "q25", "q75", "min", "repeats", "times"}
+        assert len(s["times"]) == s["repeats"] == 5 and all(x > 0 for x in s["times"])
+        assert s["median"] == statistics.median(s["times"]) and s["min"] == min(s["times"])
+    iv_ = ratio_of_medians(out["a"]["times"], out["b"]["times"], n_boot=200)
+    assert iv_.method == "bootstrap-paired" and iv_.n == 5
 
 
 def test_docstring_examples_run():
