@@ -339,16 +339,18 @@ def verdict(interval: Interval, *, direction: str = "greater", threshold: float 
         'does not hold'
         >>> verdict(iv(-0.3, 0.4), direction="equivalent", margin=0.5)
         'holds'
-        >>> verdict(iv(-0.3, 0.7), direction="equivalent", margin=0.5), verdict(iv(0.6, 0.9), direction="equivalent", margin=0.5)
-        ('within noise', 'does not hold')
+        >>> verdict(iv(-0.3, 0.7), direction="equivalent", margin=0.5)  # overlaps the edge 0.5
+        'within noise'
+        >>> verdict(iv(0.6, 0.9), direction="equivalent", margin=0.5)  # wholly outside (-0.5, 0.5)
+        'does not hold'
 
-    For a ratio of times, "A is faster than B" is `verdict(ratio_of_medians(a, b), direction="less",
-    threshold=1.0)`; "A is at least 20% faster" uses `threshold=0.8`.
+    For a ratio of times, "A takes less time than B" is `verdict(ratio_of_medians(a, b), direction="less",
+    threshold=1.0)`; "A takes at least 20% less time" uses `threshold=0.8`.
     """
     low, high = float(interval.low), float(interval.high)
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
-        raise ValueError(f"interval must have finite low <= high, got [{low}, {high}]: build it with paired_difference, "
-                         "unpaired_difference or ratio_of_medians")
+        raise ValueError(f"interval must have finite low <= high, got [{low}, {high}]: build it with "
+                         "paired_difference, unpaired_difference or ratio_of_medians")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
     if not math.isfinite(threshold):
