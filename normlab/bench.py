@@ -2,16 +2,18 @@
 
 Timing functions one after another lets drift (thermal, other processes) masquerade as a speed-up;
 `compare` interleaves them — every repeat times each candidate once, in a rotating order — and reports
-medians with the interquartile range.
+medians with the interquartile range, and the raw per-repeat times, so that `normlab.stats.ratio_of_medians`
+can put a bootstrap interval on a ratio (resampling repeats jointly, as they were timed).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+
+from .stats import median_iqr
 
 
 def _sync(device: torch.device | None) -> None:
@@ -34,10 +36,11 @@ def compare(
     warmup: int = 3,
     inner: int = 1,
     device: torch.device | str | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Time each callable `repeats` times, interleaved; seconds per call.
 
-    Returns `{name: {"median", "q25", "q75", "min", "repeats"}}`.
+    Returns `{name: {"median", "q25", "q75", "min", "repeats", "times"}}`; `times` is the list of
+    per-repeat seconds in repeat order (the same index is the same repeat for every name).
     """
     if not fns:
         raise ValueError("compare() needs at least one function to time")
@@ -51,12 +54,13 @@ def compare(
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             times[name].append(_time_once(fns[name], inner, device))
-    return {n: summarize(t) for n, t in times.items()}
+    return {n: {**summarize(t), "times": t} for n, t in times.items()}
 
 
 def summarize(times: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q25": q[0], "q75": q[2], "min": min(times), "repeats": len(times)}
+    """Median, quartiles (`normlab.stats.median_iqr`), minimum and count of `times`."""
+    q = median_iqr(times)
+    return {"median": q.median, "q25": q.q25, "q75": q.q75, "min": min(times), "repeats": len(times)}
 
 
 def ratio(stats: dict[str, dict[str, float]], num: str, den: str) -> float:
