@@ -10,6 +10,7 @@ import sys
 import torch
 
 from . import results, sweep
+from .train import init_distributed
 from .experiments import available, get_experiment
 
 
@@ -72,10 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             if args.threads:
                 torch.set_num_threads(args.threads)
-            record = sweep.sweep(args.experiment, args.profile, out=args.out, device=args.device,
-                                 progress=not args.no_progress, log=None if args.quiet else print)
-            if not args.quiet:
+            device = init_distributed(args.device)  # under torchrun: join the job (one device per process)
+            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            record = sweep.sweep(args.experiment, args.profile, out=args.out, device=device,
+                                 progress=not args.no_progress and rank0, log=None if args.quiet or not rank0 else print)
+            if not args.quiet and rank0:
                 print(_show(record))
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         elif args.cmd == "show":
             print(_show(results.load(args.experiment, args.profile)))
     except (ValueError, FileNotFoundError) as e:

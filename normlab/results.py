@@ -68,6 +68,8 @@ def provenance(profile: str, device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "num_threads": torch.get_num_threads(),
+        # processes of a torchrun job (each one device or set of threads); 1 for a plain run
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "profile": profile,
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": 0.0,

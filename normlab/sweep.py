@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from .results import atomic_write_json, finite, load_path, provenance, result_path, run_key
 from .utils import default_device
@@ -107,6 +108,8 @@ def sweep(
             f"{out} was recorded with another configuration of the {profile!r} profile; "
             "move it away (or delete it) to record afresh"
         )
+    # under torchrun every process runs the sweep; rank 0 claims runs, tells the others, and records
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     new_record = {"experiment": experiment, "profile": profile,
                   "provenance": provenance(profile, device), "config": config, "runs": []}
     all_runs = module.runs(config)
@@ -117,12 +120,9 @@ def sweep(
         key = run_key(run_config)
         if key in done:
             continue
-        with _locked(out) as claims:  # claim the run, unless it was recorded or claimed meanwhile
-            owner = claims.get(key)
-            if key in _recorded(out) or (owner is not None and owner != os.getpid() and _alive(owner)):
-                continue
-            claims[key] = os.getpid()
-        if log:
+        if not _agreed(_claim(out, key) if rank0 else None):
+            continue
+        if log and rank0:
             log(f"[{i + 1}/{len(all_runs)}] {experiment} {key}")
         t0 = time.perf_counter()
         ckpt = checkpoint_path(out, key)
@@ -134,10 +134,13 @@ def sweep(
             result = module.run_one(run_config, config, device=device, progress=progress,
                                     **({"checkpoint": ckpt} if resumable else {}))
         except BaseException:
-            with _locked(out) as claims:
-                claims.pop(key, None)
+            if rank0:
+                with _locked(out) as claims:
+                    claims.pop(key, None)
             raise
         wall = time.perf_counter() - t0
+        if not rank0:  # under torchrun, rank 0 records what all processes trained together
+            continue
         result, nonfinite = finite(result)
         if nonfinite:  # JSON has no NaN/inf: they became null, and the run says why
             result.setdefault("metrics", {}).setdefault("diverged", True)
@@ -150,11 +153,30 @@ def sweep(
             record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
             atomic_write_json(out, record)
         ckpt.unlink(missing_ok=True)  # recorded: the checkpoint has done its job
-    if not out.exists():
+    if rank0 and not out.exists():
         atomic_write_json(out, new_record)
+    if dist.is_initialized():
+        dist.barrier()  # the others read the record only once rank 0 has written it
     return load_path(out)
 
 
+def _claim(out: Path, key: str) -> bool:
+    """Claim the run `key` for this process, unless it was recorded or a live process claimed it."""
+    with _locked(out) as claims:
+        owner = claims.get(key)
+        if key in _recorded(out) or (owner is not None and owner != os.getpid() and _alive(owner)):
+            return False
+        claims[key] = os.getpid()
+        return True
+
+
+def _agreed(decision: bool | None) -> bool:
+    """Rank 0's `decision`, on every process of a torchrun job (as it is, without one)."""
+    if not dist.is_initialized():
+        return bool(decision)
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def launch(experiment: str, profile: str, parallel: int, out: str | Path | None = None,

@@ -152,12 +152,19 @@ class ImageClassification:
         """uint8 -> float, $(x - \\mu_c) / \\sigma_c$ per channel, in the task's memory format."""
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, augment (on uint8, so padding is black as in torchvision) and normalize a batch."""
+    def batch(self, idx: torch.Tensor, generator: torch.Generator,
+              shard: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather, augment (on uint8, so padding is black as in torchvision) and normalize a batch.
+
+        `shard` keeps part of it (a data-parallel worker's): the random draws are those of the whole
+        batch, so k workers together see exactly the batch one process would.
+        """
         if self.augment:
             dy, dx, flip = crop_flip_params(len(idx), self.padding, generator, self.x.device)
+            idx, dy, dx, flip = idx[shard], dy[shard], dx[shard], flip[shard]
             x = crop_flip_gather(self.x_padded, idx, dy, dx, flip, self.padding)
         else:
+            idx = idx[shard]
             x = self.x[idx]
         return self.normalize(x), self.y[idx]
 
@@ -213,9 +220,11 @@ class CharLM:
         self.train_ids, self.val, self.device = self.train_ids.to(device), self.val.to(device), device
         return self
 
-    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch_size` windows at random offsets: inputs `ids[i:i+T]`, targets `ids[i+1:i+T+1]`."""
-        starts = torch.randint(0, len(self.train_ids) - self.context - 1, (batch_size,), generator=generator)
+    def batch(self, batch_size: int, generator: torch.Generator,
+              shard: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch_size` windows at random offsets: inputs `ids[i:i+T]`, targets `ids[i+1:i+T+1]`
+        (`shard`: a data-parallel worker's part of them)."""
+        starts = torch.randint(0, len(self.train_ids) - self.context - 1, (batch_size,), generator=generator)[shard]
         windows = self.train_ids[starts.to(self.device)[:, None] + torch.arange(self.context + 1, device=self.device)]
         return windows[:, :-1], windows[:, 1:]
 

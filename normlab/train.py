@@ -34,11 +34,12 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -118,8 +119,6 @@ class TrainConfig:
 def fastest(norm: str, config: TrainConfig) -> TrainConfig:
     """`config` with `precision`/`memory_format` "auto" replaced by `FASTEST[norm]` (fp32 NCHW if unknown)."""
     precision, memory_format = FASTEST.get(norm, ("fp32", "contiguous"))
-    from dataclasses import replace
-
     return replace(config, precision=precision if config.precision == "auto" else config.precision,
                    memory_format=memory_format if config.memory_format == "auto" else config.memory_format)
 
@@ -153,6 +152,27 @@ def log_grad_norm(trainer: "Trainer") -> None:
     """A hook: the global gradient L2 norm, averaged over each history row (`grad_norm`)."""
     grads = [p.grad.detach() for p in trainer.model.parameters() if p.grad is not None]
     trainer.log_mean("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def init_distributed(device: str | torch.device | None = None, timeout_s: float | None = None) -> torch.device:
+    """Join the process group of a `torchrun` job (a no-op without one); returns this process's device.
+
+    CUDA processes use NCCL on `cuda:LOCAL_RANK`, CPU processes gloo. Every collective times out after
+    `timeout_s` (default `$NORMLAB_DIST_TIMEOUT` or 120 s), so a dead worker is an error, never a hang.
+    """
+    from datetime import timedelta
+
+    from .utils import default_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return default_device(device)
+    cuda = default_device(device).type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("NORMLAB_DIST_TIMEOUT", "120")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -192,7 +212,18 @@ class Trainer:
         self.task = task.to(self.device, self.memory_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        # under torchrun: each of the `world` processes trains on its shard of every batch (DDP)
+        self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes "
+                             "(torchrun --nproc-per-node); choose a multiple")
         self.forward = torch.compile(self.model) if config.compile else self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers (BN running averages) come from rank 0 at every forward: worker 0's, as in the GN paper
+            self.forward = DistributedDataParallel(self.forward, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
         self.hooks = list(hooks)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.optimizer = self._make_optimizer(param_groups if param_groups is not None else model.parameters())
@@ -244,13 +275,15 @@ class Trainer:
         s[1] += count
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        per = self.config.batch_size // self.world  # this process's shard of the global batch
+        shard = slice(self.rank * per, (self.rank + 1) * per)
         if self.task.num_train is None:
-            return self.task.batch(self.config.batch_size, self.generator)
+            return self.task.batch(self.config.batch_size, self.generator, shard)
         if self._perm is None or self._pos + self.config.batch_size > self.task.num_train - self.task.num_train % self.config.batch_size:
             self._perm, self._pos = torch.randperm(self.task.num_train, generator=self.generator).to(self.device), 0
         idx = self._perm[self._pos: self._pos + self.config.batch_size]
         self._pos += self.config.batch_size
-        return self.task.batch(idx, self.generator)
+        return self.task.batch(idx, self.generator, shard)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step on the next batch; returns the mean loss (0-d tensor, no device sync)."""
@@ -288,6 +321,11 @@ class Trainer:
         row["lr"] = lr_at(self._row_start, self.total_steps, self.warmup_steps, c)  # at the row's first step
         self._row_start = self.step
         for name, (total, count) in self._window.items():
+            if self.world > 1:  # every process's share of the row
+                both = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device),
+                                    torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+                dist.all_reduce(both)
+                total, count = both[0], int(both[1])
             row[name] = float(total) / max(1, count)
         self._window = {}
         if final or self.diverged or self.step % self.eval_steps == 0:
@@ -321,7 +359,7 @@ class Trainer:
 
     def save_checkpoint(self, elapsed: float) -> None:
         """Write the checkpoint atomically: readers see the previous one or this one, never a partial file."""
-        if self.checkpoint is None:
+        if self.checkpoint is None or self.rank != 0:  # every process holds the same state: rank 0 saves it
             return
         self._elapsed, saved = elapsed, self._elapsed
         state = self.state_dict()
@@ -374,12 +412,14 @@ class Trainer:
         t0 = last_save = time.perf_counter()
         # a non-finite loss is checked every step on CPU (free) and every 20 steps on GPUs (a sync)
         check_every = 1 if self.device.type == "cpu" else 20
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        nonfinite = torch.zeros((), device=self.device)  # 1.0 once a loss was NaN/inf (float: gloo reduces it)
         with tqdm(total=self.total_steps, initial=self.step, desc=desc, disable=not progress, leave=False) as bar:
             while self.step < self.total_steps and not self.diverged:
                 loss = self.train_step()
-                nonfinite |= ~torch.isfinite(loss.detach())
+                nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
                 if self.step % check_every == 0 or self.step % self.row_steps == 0:
+                    if self.world > 1:  # one process's NaN stops them all, at the same step
+                        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
                     self.diverged = bool(nonfinite)
                 bar.update(1)
                 final = self.step == self.total_steps

@@ -30,7 +30,7 @@ from ..batch_renorm import batch_renorm, renorm_schedule
 from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
 from ..models.resnet import CIFARResNet
 from ..tasks import ImageClassification
-from ..train import Trainer, TrainConfig
+from ..train import Trainer, TrainConfig, fastest
 from ..utils import seed_all
 
 _COMMON: dict[str, Any] = {
@@ -103,6 +103,16 @@ def _load_data(config: dict[str, Any]):
     return split.train_images, split.train_labels, split.test_images, split.test_labels, split.source
 
 
+def local_workers(config: dict[str, Any]) -> int:
+    """The workers each process emulates: all k of them, or k / P under torchrun with P processes
+    (each real process is then k / P workers; with P = k, one real worker each)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if config["workers"] % world:
+        raise ValueError(f"workers={config['workers']} cannot be split over the {world} processes of this torchrun "
+                         f"job; use --nproc-per-node {config['workers']} or a divisor of it")
+    return config["workers"] // world
+
+
 def norm_layer(norm: str, config: dict[str, Any]):
     """`norm_layer(channels)` for the ResNet: per-worker BN over `workers` chunks, GroupNorm, or per-worker
     Batch Renorm ("brn", needs `brn_r_max`, `brn_d_max`, `brn_hold`, `brn_ramp` in the config)."""
@@ -110,11 +120,11 @@ def norm_layer(norm: str, config: dict[str, Any]):
     if impl not in ("fused", "normlab"):
         raise ValueError(f"norm_impl must be 'fused' or 'normlab', got {impl!r}")
     if norm == "bn":
-        return ghost_batch_norm(config["workers"], momentum=config["bn_momentum"],
+        return ghost_batch_norm(local_workers(config), momentum=config["bn_momentum"],
                                 running_stats=config["bn_running_stats"],
                                 impl="fused" if impl == "fused" else "formula")
     if norm == "brn":  # starts as BN (r_max=1, d_max=0); `run_one` relaxes the limits on a schedule
-        return batch_renorm(config["workers"], r_max=1.0, d_max=0.0, momentum=config["bn_momentum"],
+        return batch_renorm(local_workers(config), r_max=1.0, d_max=0.0, momentum=config["bn_momentum"],
                             running_stats=config["bn_running_stats"])
     if norm == "gn":
         groups = config["gn_groups"]
@@ -132,11 +142,14 @@ def norm_layer(norm: str, config: dict[str, Any]):
 
 
 def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
+    """SGD at lr = base_lr * N/32 for a batch of k*N; precision and memory format from the config
+    ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default)."""
     k, n = config["workers"], run["batch_size"]
-    return TrainConfig(epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32,
-                       momentum=config["momentum"], weight_decay=config["weight_decay"],
-                       schedule=config["schedule"], warmup=config["warmup_epochs"],
-                       eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"])
+    return fastest(run["norm"], TrainConfig(
+        epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32, momentum=config["momentum"],
+        weight_decay=config["weight_decay"], schedule=config["schedule"], warmup=config["warmup_epochs"],
+        eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],
+        precision=config.get("precision", "fp32"), memory_format=config.get("memory_format", "contiguous")))
 
 
 def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False,
@@ -151,7 +164,9 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
     hooks = [brn_limits(tc, task, config)] if run["norm"] == "brn" else []
     trainer = Trainer(model, task, tc, hooks=hooks, checkpoint=checkpoint, device=device)
     history = trainer.fit(progress=progress, desc=f"{run['norm']} N={run['batch_size']} seed={run['seed']}")
-    metrics = {**trainer.summary(), "lr": tc.lr, "total_batch": tc.batch_size, "data": source}
+    metrics = {**trainer.summary(), "lr": tc.lr, "total_batch": tc.batch_size, "data_source": source,
+               "n_train": len(trx), "n_test": len(tex),
+               "precision": tc.precision, "memory_format": tc.memory_format}
     if run["norm"] in ("bn", "brn"):  # precise BN: population statistics recomputed after training
         n = min(config["precise_bn_images"], len(trx))
         batches = (task.normalize(task.x[i: i + config["precise_bn_batch"]])
