@@ -227,12 +227,12 @@ def test_wn_ws_smoke_sweep_records_metrics(smoke_record):
     assert [r["config"]["variant"] for r in runs] == config["variants"]
     for r in runs:
         m = r["metrics"]
-        assert 0.0 <= m["test_acc"] <= 1.0 and m["n_test"] == config["n_test"] and m["n_train"] == config["n_train"]
+        assert 0.0 <= m["test_error"] <= 100.0 and m["n_test"] == config["n_test"] and m["n_train"] == config["n_train"]
         if not m["diverged"]:
             assert math.isfinite(m["test_loss"]) and m["test_loss"] > 0
         steps = [h["step"] for h in r["history"]]
         assert steps == list(range(config["eval_every"], config["steps"] + 1, config["eval_every"])) or m["diverged"]
-        assert {"step", "train_loss", "grad_norm", "test_loss", "test_acc"} <= set(r["history"][0])
+        assert {"step", "train_loss", "grad_norm", "test_loss", "test_error"} <= set(r["history"][0])
     json.dumps(smoke_record)
 
 

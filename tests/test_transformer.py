@@ -200,7 +200,7 @@ def test_smoke_profile_records_the_keys(tmp_path):
     for run in trained + runs_where(record, study="depth"):
         m = run["metrics"]
         assert isinstance(m["diverged"], bool)
-        assert m["diverged"] or 0 < m["final_val_loss"] < 6
+        assert m["diverged"] or 0 < m["val_loss"] < 6
         assert run["history"] and "train_loss" in run["history"][0]
     assert {r["config"]["depth"] for r in runs_where(record, study="depth")} == set(config["depth"]["depths"])
     # the depth series borrows the train study's runs at its depth (same lr, no warmup)

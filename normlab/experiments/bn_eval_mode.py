@@ -82,7 +82,7 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
     trainer = Trainer(model, task, tc, checkpoint=checkpoint, device=device)
     history = trainer.fit(progress=progress, desc=f"bn_eval_mode seed {run['seed']}")
     xte, yte, total = task.normalize(xte.to(trainer.device)), yte.to(trainer.device), trainer.step
-    metrics: dict[str, Any] = {"dataset": source, "n_train": len(xtr), "n_test": len(xte), "train_steps": total,
+    metrics: dict[str, Any] = {"data_source": source, "n_train": len(xtr), "n_test": len(xte), "steps": total,
                                "train_loss": history[-1]["train_loss"], "diverged": trainer.diverged}
     for b in config["eval_batch_sizes"]:
         metrics[f"acc_eval_b{b}"] = accuracy(model, xte, yte, b, train_mode=False)

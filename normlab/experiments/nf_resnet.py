@@ -135,7 +135,8 @@ def _run_train(run: dict[str, Any], config: dict[str, Any], device: torch.device
     history = trainer.fit(progress=progress, desc=f"{run['model']} lr={run['lr']}")
     exploded = 10 * math.log(int(y_train.max()) + 1)  # 10x the loss of a uniform guess
     blown = next((r["step"] for r in history if r.get("train_loss") is not None and not r["train_loss"] < exploded), None)
-    metrics = {**trainer.summary(), "epochs_done": len(history)}
+    metrics = {**trainer.summary(), "epochs_done": len(history), "n_train": len(x_train), "n_test": len(x_test),
+               "data_source": _dataset(config["dataset"]).source}
     metrics["diverged"] = trainer.diverged or blown is not None
     metrics["diverged_step"] = history[-1]["step"] if trainer.diverged else blown
     clipped = [r["agc_clip_fraction"] for r in history if r.get("agc_clip_fraction") is not None]

@@ -155,7 +155,7 @@ def train(run: dict[str, Any], config: dict[str, Any], device: torch.device, pro
     history = trainer.fit(progress=progress, desc=f"{run['placement']}-LN lr={run['lr']}")
     final = history[-1].get("val_loss")
     divergence_threshold = math.log(len(vocab)) + 1.0  # worse than guessing uniformly, by a margin
-    return {"metrics": {"final_val_loss": final,
+    return {"metrics": {"val_loss": final, "steps": trainer.step,
                         "diverged": trainer.diverged or final is None or final > divergence_threshold,
                         "best_val_loss": min((h["val_loss"] for h in history if h.get("val_loss") is not None),
                                              default=None)},

@@ -81,11 +81,7 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | 
     history = trainer.fit(progress=progress, desc=f"{run['variant']} seed={run['seed']}")
     final = ImageClassification(xtr, ytr, xte, yte, augment=False, mean=task.mean, std=task.std).to(trainer.device)
     test = final.evaluate(trainer.model)
-    for row in history:  # this chapter reads accuracy as a fraction
-        if row.get("test_error") is not None:
-            row["test_acc"] = 1 - row["test_error"] / 100
-    metrics = {"test_acc": 1 - test["test_error"] / 100, "test_loss": test["test_loss"],
-               "final_train_loss": history[-1]["train_loss"], "diverged": trainer.diverged,
+    metrics = {**test, "train_loss": history[-1]["train_loss"], "diverged": trainer.diverged, "steps": trainer.step,
                "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(xtr), "n_test": len(xte),
                "data_source": source}
     return {"metrics": metrics, "history": history}

@@ -1,0 +1,104 @@
+"""Bring recorded results to the book's one set of record keys: `python -m normlab.migrate [--check]`.
+
+Every experiment now reports the same names for the same things (`RECORD_KEYS`): `test_error` in
+percent (not an accuracy fraction), `test_loss`, `train_loss`, `val_loss`, `diverged`, `data_source`,
+`n_train`, `n_test`, `steps`, and the run's `seed`. Records written before that used other names
+(`test_acc`, `final_val_loss`, `final_train_loss`, `data`, `dataset`, `train_steps`, a history `loss`).
+This script renames them in place, converts accuracy fractions to error percentages, and adds
+`n_train` / `n_test` where the record's configuration determines them. It changes no number's value
+beyond that conversion, leaves everything else as it was (provenance included), and is idempotent:
+a migrated record is left untouched. The record files are rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .results import atomic_write_json, load_path, results_dir
+
+#: The metric keys shared by every experiment (each where it applies).
+RECORD_KEYS = ("test_error", "test_loss", "train_loss", "val_loss", "diverged", "data_source", "n_train",
+               "n_test", "steps", "seed")
+#: Old metric name -> new name.
+RENAMED = {"data": "data_source", "dataset": "data_source", "train_steps": "steps", "final_val_loss": "val_loss",
+           "final_train_loss": "train_loss"}
+#: Sizes of the full splits, for configurations that say "all of it" (`None`).
+FULL_SIZE = {"cifar10": (50_000, 10_000), "fashion_mnist": (60_000, 10_000)}
+
+
+def _error_percent(acc: float | None) -> float | None:
+    return None if acc is None else 100.0 * (1.0 - acc)
+
+
+def migrate_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if k == "test_acc":
+            out["test_error"] = _error_percent(v)
+        else:
+            out[RENAMED.get(k, k)] = v
+    return out
+
+
+def migrate_row(row: Any) -> Any:
+    if not isinstance(row, dict):
+        return row
+    out = {}
+    for k, v in row.items():
+        if k == "test_acc":
+            out["test_error"] = _error_percent(v)
+        elif k == "loss":  # bn_eval_mode's per-step training loss
+            out["train_loss"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _sizes(config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """`(n_train, n_test)` implied by a configuration's subset sizes, where it names them."""
+    dataset = config.get("dataset")
+    for train_key, test_key in (("train_subset", "test_subset"), ("train_size", "test_size")):
+        if train_key in config and dataset in FULL_SIZE:
+            full_train, full_test = FULL_SIZE[dataset]
+            return (min(config[train_key] or full_train, full_train),
+                    min(config[test_key] or full_test, full_test))
+    return None, None
+
+
+def migrate_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the book's keys (a new dict; the argument is not changed)."""
+    n_train, n_test = _sizes(record.get("config", {}))
+    runs = []
+    for run in record.get("runs", []):
+        metrics = migrate_metrics(run.get("metrics", {}))
+        trained = "test_error" in metrics or "val_loss" in metrics
+        if trained and n_train is not None:
+            metrics.setdefault("n_train", n_train)
+            metrics.setdefault("n_test", n_test)
+        runs.append({**run, "metrics": metrics, "history": [migrate_row(h) for h in run.get("history", [])]})
+    return {**record, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m normlab.migrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report records that need migrating (exit 1)")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in sorted(Path(results_dir()).glob("*/*.json")):
+        record = load_path(path)
+        migrated = migrate_record(record)
+        if migrated != record:
+            stale.append(path)
+            if not args.check:
+                atomic_write_json(path, migrated)
+    verb = "needs migrating" if args.check else "migrated"
+    for path in stale:
+        print(f"{verb}: {path.relative_to(results_dir().parent) if path.is_relative_to(results_dir().parent) else path}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The record-key migration: old names become the book's, values convert exactly, and it is idempotent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from normlab import migrate, results
+
+
+OLD = {"experiment": "x", "profile": "cpu", "provenance": {"git_dirty": False},
+       "config": {"dataset": "cifar10", "train_subset": 10000, "test_subset": None},
+       "runs": [{"key": "k", "config": {"seed": 0}, "seed": 0,
+                 "metrics": {"test_acc": 0.875, "final_train_loss": 0.5, "data": "CIFAR-10 (copy)", "diverged": False,
+                             "train_steps": 12, "final_val_loss": None, "acc_eval_b8": 0.9},
+                 "history": [{"step": 1, "test_acc": 0.5, "loss": 2.0}, 3]}]}
+
+
+def test_old_keys_become_the_books_keys():
+    new = migrate.migrate_record(OLD)
+    m = new["runs"][0]["metrics"]
+    assert m == {"test_error": 12.5, "train_loss": 0.5, "data_source": "CIFAR-10 (copy)", "diverged": False,
+                 "steps": 12, "val_loss": None, "acc_eval_b8": 0.9, "n_train": 10000, "n_test": 10000}
+    assert new["runs"][0]["history"] == [{"step": 1, "test_error": 50.0, "train_loss": 2.0}, 3]
+    assert new["provenance"] == OLD["provenance"] and new["config"] == OLD["config"]
+    assert migrate.migrate_record(new) == new  # idempotent
+    assert OLD["runs"][0]["metrics"]["test_acc"] == 0.875  # the input is not modified
+
+
+def test_the_cli_rewrites_stale_records_and_check_reports_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    (tmp_path / "x").mkdir()
+    path = tmp_path / "x" / "cpu.json"
+    results.atomic_write_json(path, OLD)
+    assert migrate.main(["--check"]) == 1 and "needs migrating" in capsys.readouterr().out
+    assert json.loads(path.read_text()) == OLD
+    assert migrate.main([]) == 0
+    assert migrate.main(["--check"]) == 0
+    assert json.loads(path.read_text())["runs"][0]["metrics"]["test_error"] == pytest.approx(12.5)
+
+
+def test_committed_records_use_the_books_keys():
+    """Every committed record has been migrated (new records are written with these keys)."""
+    stale = [p.name for p in sorted(results.results_dir().glob("*/*.json"))
+             if migrate.migrate_record(results.load_path(p)) != results.load_path(p)]
+    assert not stale, "run `python -m normlab.migrate`"
