@@ -5,7 +5,9 @@ An experiment module defines
 - `PROFILES`: `{"smoke": config, "cpu": config, "full": config}`, plain JSON-able dicts;
 - `runs(config) -> list[dict]`: one small JSON-able dict per run (its own settings, including `"seed"`);
   the dict is the run's identity in the result file, so a restarted sweep skips what is recorded;
-- `run_one(run, config, device, progress) -> {"metrics": {...}, "history": [...]}`.
+- `run_one(run, config, device, progress[, checkpoint]) -> {"metrics": {...}, "history": [...]}`; an
+  experiment that trains takes `checkpoint` (a file the sweep assigns to the run) and hands it to
+  `normlab.train.Trainer`, so a killed run resumes where it stopped.
 
 `get_experiment` also accepts a dotted module path (`mypkg.my_exp`) for experiments kept elsewhere.
 """
