@@ -111,7 +111,11 @@ def test_make_test_is_strict_and_ci_calls_it():
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert "--warningiserror" in recipe and "--nitpick" in recipe and "--nbval-lax" in recipe
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+    assert re.search(r"command -v chromium", ci) and re.search(r"apt-get install -y .*chromium", ci), \
+        ".ci/run must install Chromium for the browser test when it is missing"
+    assert recipe.index("build . --all") < recipe.index("pytest"), "the browser test needs the book built first"
     config = (ROOT / "_config.yml").read_text()
     assert re.search(r'execute_notebooks:\s*"?off"?', config)
     assert "only_build_toc_files: true" in config
