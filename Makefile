@@ -1,5 +1,6 @@
 # make book  : set up .venv and build the HTML book from the committed notebook outputs (no training)
-# make test  : everything CI checks (unit tests, papermill smoke runs, nbval, hygiene, strict book build)
+# make test  : everything CI checks (strict book build, unit tests, papermill smoke runs, nbval, hygiene,
+#              every page in headless Chromium offline; screenshots in _build/screenshots/index.html)
 # make smoke : only the papermill smoke runs of every notebook
 # make run EXP=gn_batch_size PROFILE=cpu : record one experiment into results/EXP/PROFILE.json
 # make notebooks : re-execute the committed notebooks in place (profile "recorded") to refresh outputs
@@ -24,9 +25,10 @@ book: venv
 	$(JB) build . --warningiserror --nitpick --keep-going
 	@echo "Open _build/html/index.html"
 
+# The strict build comes first: tests/test_browser.py opens the pages it writes in headless Chromium.
 test: venv
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -ra
 	$(JB) build . --all --warningiserror --nitpick --keep-going
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -ra
 
 smoke: venv
 	$(PY) -m pytest tests/test_notebooks.py -k smoke -ra

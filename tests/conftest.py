@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,3 +27,21 @@ if "NORMLAB_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def build_book(book: Path, *options: str) -> subprocess.CompletedProcess:
+    """`jupyter-book build` of `book` as `make test` runs it: warnings and broken references fail it."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    return subprocess.run([str(jb), "build", str(book), "--warningiserror", "--nitpick", "--keep-going", *options],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium binary for the browser checks. Missing: a skip on a developer's machine, a failure in CI."""
+    from browser import INSTALL_HINT, find_chromium
+
+    path = find_chromium()
+    if path is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"Chromium not found: {INSTALL_HINT}")
+    return path
