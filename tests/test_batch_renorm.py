@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.batch_renorm import BatchRenorm2d, batch_renorm, renorm_schedule
-from normlab.ghost_bn import GhostBatchNorm2d, recompute_batchnorm_stats
+from normlab.norms import BatchRenorm2d, GhostBatchNorm2d, batch_renorm, recompute_batchnorm_stats, renorm_schedule
 
 
 def _pair(k: int, **kw):
@@ -124,11 +123,11 @@ def test_bad_arguments_name_the_fix():
     m = BatchRenorm2d(4, num_workers=3)
     with pytest.raises(ValueError, match="multiple of num_workers"):
         m(torch.randn(4, 4, 2, 2))
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"BatchRenorm2d expects \(N, C, H, W\)"):
         m(torch.randn(6, 4, 2))
-    with pytest.raises(ValueError, match="expected 4 channels, got 5"):
+    with pytest.raises(ValueError, match=r"BatchRenorm2d\(4\) got input .* 5 channels at dim 1"):
         m(torch.randn(6, 5, 2, 2))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="more than 1 value per channel.*each of the 2 workers"):
         BatchRenorm2d(4, num_workers=2)(torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="hold"):
         renorm_schedule(100, 1.5, 0.5, hold=0.9, ramp=0.2)

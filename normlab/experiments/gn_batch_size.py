@@ -3,7 +3,7 @@
 Protocol (the paper's, scaled down; see the chapter `07_gn_vs_bn_batch_size` for every difference):
 
 - k emulated workers (`workers`, 8 in the paper), each with N images: an SGD batch of k*N whose
-  BatchNorm statistics are computed per worker (`normlab.ghost_bn.GhostBatchNorm2d`), not
+  BatchNorm statistics are computed per worker (`normlab.norms.GhostBatchNorm2d`), not
   synchronized; the running averages of the k workers are averaged each step (`bn_running_stats`).
 - Linear learning-rate scaling {cite}`goyal2017accurate`: lr = `base_lr` * N / 32 (0.1*N/32 in the
   paper, whose k=8 workers make that 0.1 per 256 images), the same number of epochs for every N (so small N takes more steps, as in the paper),
@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch_renorm import batch_renorm, renorm_schedule
-from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
+from ..norms import batch_renorm, ghost_batch_norm, recompute_batchnorm_stats, renorm_schedule
 from ..models.resnet import CIFARResNet
 from ..train import Trainer, TrainConfig
 from ..utils import seed_all

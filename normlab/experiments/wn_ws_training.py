@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ..norms import RELU_GAMMA
 from ..utils import seed_all
 
 VARIANTS = ("plain", "wn", "ws", "sws", "ws_gn", "bn")
@@ -78,10 +79,6 @@ def conv_block(variant: str, c_in: int, c_out: int, stride: int, groups: int) ->
     else:  # bn
         layers = [kaiming(nn.Conv2d(c_in, c_out, bias=False, **kw)), norms.BatchNorm2d(c_out)]
     return layers + [nn.ReLU(inplace=True)]
-
-
-#: sqrt(2 / (1 - 1/pi)): the std of ReLU(z) for z ~ N(0, 1) is 1/RELU_GAMMA (Brock et al. 2021).
-RELU_GAMMA = 1.7139588594436646
 
 
 def kaiming(conv: nn.Conv2d) -> nn.Conv2d:
