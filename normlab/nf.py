@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.resnet import CIFARResNet, conv3x3, default_norm_layer, make_shortcut, norm_or_identity
+from .models.resnet import CIFARResNet, conv3x3, make_shortcut, norm_or_identity, resolve_norm_layer
 from .norms import RELU_GAMMA, ScaledStdConv2d, nonlinearity_gamma, standardize_weight
 
 __all__ = [
@@ -206,12 +206,11 @@ class PreActResNet(CIFARResNet):
     stem's output) and the final norm + ReLU before pooling. `norm_layer=None`: no normalization.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer="default", width: int = 16,
+    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer="bn", width: int = 16,
                  in_channels: int = 3):
         super().__init__(depth=depth, num_classes=num_classes, norm_layer=norm_layer, width=width,
                          shortcut="B", block=PreActBlock, in_channels=in_channels)
-        if norm_layer == "default":
-            norm_layer = default_norm_layer()
+        norm_layer = resolve_norm_layer(norm_layer)
         self.norm1 = nn.Identity()  # the stem has no norm in ResNet-V2 ...
         self.final_norm = norm_or_identity(norm_layer, 4 * width)  # ... the last block's output gets one instead
 
