@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -26,3 +29,36 @@ if "NORMLAB_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+# torch's fused normalization kernels: normlab's layers must not call them (tests run them under `no_fused`).
+FUSED = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "native_batch_norm",
+         "native_layer_norm", "native_group_norm", "_weight_norm", "norm_except_dim"]
+
+
+@contextlib.contextmanager
+def _forbid_fused():
+    """Replace torch's fused normalization entry points (those that exist) by functions that raise."""
+    saved = []
+
+    def make(name):
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"normlab called torch's fused kernel {name}")
+        return forbidden
+
+    for owner in (F, torch):
+        for name in FUSED:
+            if hasattr(owner, name):
+                saved.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, make(f"{owner.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+@pytest.fixture
+def no_fused():
+    """Use as `with no_fused(): ...` around every normlab forward/backward."""
+    return _forbid_fused

@@ -509,6 +509,11 @@ class BatchRenorm2d(GhostBatchNorm2d):
 
     Only `normalize` differs from `GhostBatchNorm2d`, and only in training with running averages.
 
+    Under `torch.compile` (torch 2.14, the default min-cut partitioner) training gives the right output
+    and buffers but a wrong gradient for `weight`: the backward recomputes $d$ from `running_mean`
+    after this step's in-place update. Train it eagerly (or compile with
+    `backend="aot_eager_default_partitioner"`, which saves $d$); eval mode compiles correctly.
+
     Not scriptable by `torch.jit.script`; `torch.compile(layer, fullgraph=True)` is the supported compiler.
 
     Shape:

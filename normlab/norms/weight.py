@@ -79,6 +79,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
     `torch.nn.utils.parametrizations.weight_norm`, so state_dicts are interchangeable. Undo it with
     `remove_weight_norm` (that is `parametrize.remove_parametrizations`, keeping the current $w$).
 
+    Not scriptable by `torch.jit.script`; `torch.compile(module, fullgraph=True)` is the supported compiler.
+
     Example:
         >>> lin = weight_norm(nn.Linear(4, 3))
         >>> sorted(lin.state_dict())
@@ -124,6 +126,8 @@ class WSConv2d(nn.Conv2d):
     `nn.Conv2d` plus `eps`. (Qiao et al.'s code divides by the unbiased std plus 1e-5; we use the biased
     variance inside the square root, like timm's `StdConv2d`.)
 
+    Not scriptable by `torch.jit.script`; `torch.compile(layer, fullgraph=True)` is the supported compiler.
+
     Shape:
         - Input: `(N, C_in, H, W)`
         - Output: `(N, C_out, H_out, W_out)`, as `nn.Conv2d`
@@ -161,6 +165,8 @@ class ScaledStdConv2d(nn.Conv2d):
     so ReLU outputs keep unit variance). $\epsilon$ as DeepMind's code: $\mathrm{rsqrt}(\max(\sigma^2 N,
     \epsilon))$ with `eps=1e-4`. (timm's current `ScaledStdConv2d` instead uses $\sqrt{\sigma^2+\epsilon}$,
     eps=1e-6, and "same" padding by default; we keep `nn.Conv2d`'s `padding=0`.)
+
+    Not scriptable by `torch.jit.script`; `torch.compile(layer, fullgraph=True)` is the supported compiler.
 
     Shape:
         - Input: `(N, C_in, H, W)`
