@@ -143,3 +143,21 @@ def test_models_accept_a_name_or_a_callable():
     assert type(make_norm("layernorm", 16)) is norms.LayerNorm  # the recorded prepost_ln runs' spelling
     with pytest.raises(ValueError, match="norm must be one of"):
         make_norm("bn", 16)
+
+
+def test_every_public_name_of_the_old_modules_imports_from_normlab_norms():
+    """normlab.norms was one module, and ghost_bn / batch_renorm were beside it: their names moved here."""
+    old = {
+        "norms": ["mean_var", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm",
+                  "weight_norm", "remove_weight_norm", "standardize_weight", "WSConv2d", "ScaledStdConv2d"],
+        "ghost_bn": ["GhostBatchNorm2d", "ghost_batch_norm", "recompute_batchnorm_stats", "per_worker_reference"],
+        "batch_renorm": ["BatchRenorm2d", "batch_renorm", "renorm_schedule"],
+        "nf": ["RELU_GAMMA", "nonlinearity_gamma"],
+    }
+    for names in old.values():
+        for name in names:
+            assert name in norms.__all__ and getattr(norms, name) is not None, name
+    from normlab import nf
+    assert nf.RELU_GAMMA is norms.RELU_GAMMA and nf.nonlinearity_gamma is norms.nonlinearity_gamma
+    assert issubclass(norms.GhostBatchNorm2d, norms.BatchNorm2d) and issubclass(norms.BatchRenorm2d, norms.GhostBatchNorm2d)
+    assert not issubclass(norms.GhostBatchNorm2d, nn.BatchNorm2d)  # normlab's own base, not torch's
