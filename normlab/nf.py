@@ -33,31 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.resnet import CIFARResNet, conv3x3, default_norm_layer, make_shortcut, norm_or_identity
-from .norms import ScaledStdConv2d, standardize_weight
+from .models.resnet import CIFARResNet, conv3x3, make_shortcut, norm_or_identity, resolve_norm_layer
+from .norms import RELU_GAMMA, ScaledStdConv2d, nonlinearity_gamma, standardize_weight
 
 __all__ = [
     "RELU_GAMMA", "ScaledStdConv2d", "standardize_weight", "nonlinearity_gamma", "NFBlock", "NFResNet",
     "nf_resnet20", "PreActBlock", "PreActResNet", "unitwise_norm", "adaptive_grad_clip_", "agc_parameters",
     "signal_propagation", "plot_signal_propagation",
 ]
-
-#: The ReLU's gain gamma = 1 / std(ReLU(z)), z ~ N(0, 1), as in the NF papers' code (an empirical
-#: estimate; the exact value is sqrt(2 / (1 - 1/pi)) = 1.7129). Multiplying ReLU(z) by gamma gives unit
-#: variance, so a scaled-WS convolution after it preserves the variance of the signal.
-RELU_GAMMA = 1.7139588594436646
-
-
-def nonlinearity_gamma(fn: Callable[[torch.Tensor], torch.Tensor], samples: int = 1 << 20,
-                       generator: torch.Generator | None = None) -> float:
-    """gamma = 1 / sqrt(Var(g(z))) for z ~ N(0, 1), by Monte Carlo as in the NFNets code {cite}`brock2021high`.
-
-    `samples` draws in float64; for ReLU the standard error of gamma is about 0.002 at the default 2^20.
-    """
-    if samples < 2:
-        raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
-    z = torch.randn(samples, dtype=torch.float64, generator=generator)
-    return float(fn(z).var(unbiased=False).rsqrt())
 
 
 class NFBlock(nn.Module):
@@ -223,12 +206,11 @@ class PreActResNet(CIFARResNet):
     stem's output) and the final norm + ReLU before pooling. `norm_layer=None`: no normalization.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer="default", width: int = 16,
+    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer="bn", width: int = 16,
                  in_channels: int = 3):
         super().__init__(depth=depth, num_classes=num_classes, norm_layer=norm_layer, width=width,
                          shortcut="B", block=PreActBlock, in_channels=in_channels)
-        if norm_layer == "default":
-            norm_layer = default_norm_layer()
+        norm_layer = resolve_norm_layer(norm_layer)
         self.norm1 = nn.Identity()  # the stem has no norm in ResNet-V2 ...
         self.final_norm = norm_or_identity(norm_layer, 4 * width)  # ... the last block's output gets one instead
 

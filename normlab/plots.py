@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import matplotlib as mpl
 
-# One colour per normalization, used by every figure of the book.
+from .norms import canonical_norm_name
+
+# One colour per canonical normalization name (`normlab.norms.NORM_NAMES`), used by every figure of the
+# book; the BatchNorm variants share BatchNorm's hue, scaled WS shares the normalizer-free one.
 NORM_COLORS = {
     "none": "#7f7f7f",
     "bn": "#1f77b4",
-    "batchnorm": "#1f77b4",
+    "gbn": "#aec7e8",
+    "brn": "#17456b",
     "ln": "#ff7f0e",
-    "layernorm": "#ff7f0e",
-    "gn": "#2ca02c",
-    "groupnorm": "#2ca02c",
-    "in": "#9467bd",
-    "instancenorm": "#9467bd",
     "rms": "#d62728",
-    "rmsnorm": "#d62728",
+    "gn": "#2ca02c",
+    "in": "#9467bd",
     "wn": "#8c564b",
     "ws": "#e377c2",
+    "sws": "#9edae5",
     "nf": "#17becf",
 }
 
@@ -39,4 +40,8 @@ def use_book_style() -> None:
 
 
 def color(norm: str) -> str:
-    return NORM_COLORS.get(norm.lower(), "#333333")
+    """The colour of a norm name (canonical, or a spelling recorded results use); dark grey otherwise."""
+    try:
+        return NORM_COLORS[canonical_norm_name(norm.lower())]
+    except ValueError:
+        return "#333333"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -45,3 +48,36 @@ def chromium() -> str:
     if path is None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"Chromium not found: {INSTALL_HINT}")
     return path
+
+
+# torch's fused normalization kernels: normlab's layers must not call them (tests run them under `no_fused`).
+FUSED = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "native_batch_norm",
+         "native_layer_norm", "native_group_norm", "_weight_norm", "norm_except_dim"]
+
+
+@contextlib.contextmanager
+def _forbid_fused():
+    """Replace torch's fused normalization entry points (those that exist) by functions that raise."""
+    saved = []
+
+    def make(name):
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"normlab called torch's fused kernel {name}")
+        return forbidden
+
+    for owner in (F, torch):
+        for name in FUSED:
+            if hasattr(owner, name):
+                saved.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, make(f"{owner.__name__}.{name}"))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+@pytest.fixture
+def no_fused():
+    """Use as `with no_fused(): ...` around every normlab forward/backward."""
+    return _forbid_fused

@@ -5,13 +5,13 @@ variants experiment that uses it."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from normlab.batch_renorm import BatchRenorm2d, batch_renorm, renorm_schedule
-from normlab.ghost_bn import GhostBatchNorm2d, recompute_batchnorm_stats
+from normlab.norms import BatchRenorm2d, GhostBatchNorm2d, batch_renorm, recompute_batchnorm_stats, renorm_schedule
 
 
 def _pair(k: int, **kw):
@@ -124,23 +124,23 @@ def test_bad_arguments_name_the_fix():
     m = BatchRenorm2d(4, num_workers=3)
     with pytest.raises(ValueError, match="multiple of num_workers"):
         m(torch.randn(4, 4, 2, 2))
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"BatchRenorm2d expects \(N, C, H, W\)"):
         m(torch.randn(6, 4, 2))
-    with pytest.raises(ValueError, match="expected 4 channels, got 5"):
+    with pytest.raises(ValueError, match=r"BatchRenorm2d\(4\) got input .* 5 channels at dim 1"):
         m(torch.randn(6, 5, 2, 2))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="more than 1 value per channel.*each of the 2 workers"):
         BatchRenorm2d(4, num_workers=2)(torch.randn(2, 4, 1, 1))
     with pytest.raises(ValueError, match="hold"):
-        renorm_schedule(100, 1.5, 0.5, hold=0.9, ramp=0.2)
+        renorm_schedule(1.5, 0.5, hold=0.9, ramp=0.2)
 
 
 def test_schedule_holds_then_ramps_and_sets_every_layer():
-    hook = renorm_schedule(1000, r_max=1.5, d_max=0.5, hold=0.05, ramp=0.2)
-    assert hook.limits(0) == (1.0, 0.0) and hook.limits(50) == (1.0, 0.0)
-    assert hook.limits(150) == pytest.approx((1.25, 0.25))
-    assert hook.limits(250) == pytest.approx((1.5, 0.5)) and hook.limits(1000) == pytest.approx((1.5, 0.5))
+    hook = renorm_schedule(r_max=1.5, d_max=0.5, hold=0.05, ramp=0.2)
+    assert hook.limits(0, 1000) == (1.0, 0.0) and hook.limits(50, 1000) == (1.0, 0.0)
+    assert hook.limits(150, 1000) == pytest.approx((1.25, 0.25))
+    assert hook.limits(250, 1000) == pytest.approx((1.5, 0.5)) and hook.limits(1000, 1000) == pytest.approx((1.5, 0.5))
     model = nn.Sequential(batch_renorm(2, r_max=1.0, d_max=0.0)(3), nn.ReLU(), BatchRenorm2d(3))
-    hook(model, 149)  # sets the limits of step 150
+    hook(SimpleNamespace(model=model, step=149, total_steps=1000))  # sets the limits of step 150
     assert [(m.r_max, m.d_max) for m in model if isinstance(m, BatchRenorm2d)] == [pytest.approx((1.25, 0.25))] * 2
 
 

@@ -19,6 +19,8 @@ from normlab.fold import (
     fold_bn_into_next_weights,
     fold_weights,
 )
+from normlab import norms
+from normlab.models import resnet
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -363,11 +365,9 @@ def test_unbatched_conv1d_is_detected_with_shapes():
         check_folds(model, x, expect_left=1, tol=1e-7, example_inputs=x)
 
 
-# --- normlab's own layers and models (when they exist) ----------------------------------------------------
+# --- normlab's own layers and models ---------------------------------------------------------------------
 
 def test_normlab_batchnorm_and_resnet20():
-    norms = pytest.importorskip("normlab.norms")
-    resnet = pytest.importorskip("normlab.models.resnet")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), norms.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 4),
                           norms.BatchNorm1d(4))

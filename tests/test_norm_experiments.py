@@ -216,7 +216,6 @@ def test_unknown_dataset_raises():
 
 @pytest.fixture(scope="module")
 def smoke_record(tmp_path_factory):
-    pytest.importorskip("normlab.data")
     out = tmp_path_factory.mktemp("wnws") / "smoke.json"
     return sweep.sweep("wn_ws_training", "smoke", out=out, device="cpu", progress=False, log=None)
 
@@ -237,7 +236,6 @@ def test_wn_ws_smoke_sweep_records_metrics(smoke_record):
 
 
 def test_wn_ws_same_seed_same_result():
-    pytest.importorskip("normlab.data")
     config = {**wn_ws_training.PROFILES["smoke"], "steps": 4, "eval_every": 2}
     a = wn_ws_training.run_one({"variant": "bn", "seed": 3}, config)
     b = wn_ws_training.run_one({"variant": "bn", "seed": 3}, config)

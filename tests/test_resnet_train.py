@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.ghost_bn import GhostBatchNorm2d, ghost_batch_norm, per_worker_reference, recompute_batchnorm_stats
+from normlab import norms
+from normlab.norms import GhostBatchNorm2d, ghost_batch_norm, per_worker_reference, recompute_batchnorm_stats
 from normlab.models.resnet import BasicBlock, CIFARResNet, ShortcutA, resnet20
 from normlab.tasks import random_crop_flip, random_crop_flip_reference
 
@@ -60,7 +61,6 @@ def test_norm_layer_hook_used_everywhere(norm_layer):
 
 
 def test_normlab_norms_work_in_the_resnet():
-    norms = pytest.importorskip("normlab.norms")
     for layer in (norms.BatchNorm2d, lambda c: norms.GroupNorm(8, c)):
         m = CIFARResNet(8, norm_layer=layer, zero_init_residual=True)
         assert m(torch.randn(4, 3, 32, 32)).shape == (4, 10)
@@ -196,7 +196,7 @@ def test_ghost_bn_worker0_running_stats_and_errors():
         GhostBatchNorm2d(3, num_workers=0)
     with pytest.raises(ValueError, match="running_stats"):
         GhostBatchNorm2d(3, running_stats="median")
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="more than 1 value per channel.*each of the 2 workers"):
         GhostBatchNorm2d(3, num_workers=2)(torch.randn(2, 3, 1, 1))
 
 
@@ -232,7 +232,6 @@ def test_gn_batch_size_smoke_profile_records_required_keys(tmp_path, monkeypatch
 
 
 def test_precise_bn_treats_normlab_batchnorm_like_torch():
-    norms = pytest.importorskip("normlab.norms")
     torch.manual_seed(4)
     data = torch.randn(48, 3, 6, 6) * 3 - 1
     got = []
@@ -255,8 +254,8 @@ def test_gn_batch_size_profiles_are_consistent():
         assert len({json_key(r) for r in runs}) == len(runs)
         for n in cfg["batch_sizes"]:  # GN groups divide every stage's channels; workers split the batch
             assert all((w * cfg["width"]) % cfg["gn_groups"] == 0 for w in (1, 2, 4))
-            assert exp.train_config({"batch_size": n, "seed": 0}, cfg).batch_size == cfg["workers"] * n
-        assert exp.train_config({"batch_size": 32, "seed": 0}, cfg).lr == pytest.approx(cfg["base_lr"])
+            assert exp.train_config({"norm": "bn", "batch_size": n, "seed": 0}, cfg).batch_size == cfg["workers"] * n
+        assert exp.train_config({"norm": "gn", "batch_size": 32, "seed": 0}, cfg).lr == pytest.approx(cfg["base_lr"])
     assert all(r["epochs"] == 20 for r in longer.runs(longer.PROFILES["cpu"]))
     assert [r["seed"] for r in longer.runs(longer.PROFILES["cpu"])][:4] == [0] * 4  # seed-major order
     with pytest.raises(ValueError, match="norm must be"):

@@ -61,9 +61,9 @@ def test_an_epoch_visits_every_sample_once_and_drops_the_last_partial_batch():
     seen = []
 
     class Spy(ImageClassification):
-        def batch(self, idx, generator):
+        def batch(self, idx, generator, shard=slice(None)):
             seen.append(idx.clone())
-            return super().batch(idx, generator)
+            return super().batch(idx, generator, shard)
 
     task = Spy(x, y % 10, augment=False)
     Trainer(_resnet(), task, TrainConfig(epochs=2, batch_size=16)).fit()

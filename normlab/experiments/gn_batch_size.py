@@ -3,7 +3,7 @@
 Protocol (the paper's, scaled down; see the chapter `07_gn_vs_bn_batch_size` for every difference):
 
 - k emulated workers (`workers`, 8 in the paper), each with N images: an SGD batch of k*N whose
-  BatchNorm statistics are computed per worker (`normlab.ghost_bn.GhostBatchNorm2d`), not
+  BatchNorm statistics are computed per worker (`normlab.norms.GhostBatchNorm2d`), not
   synchronized; the running averages of the k workers are averaged each step (`bn_running_stats`).
 - Linear learning-rate scaling {cite}`goyal2017accurate`: lr = `base_lr` * N / 32 (0.1*N/32 in the
   paper, whose k=8 workers make that 0.1 per 256 images), the same number of epochs for every N (so small N takes more steps, as in the paper),
@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch_renorm import batch_renorm, renorm_schedule
-from ..ghost_bn import ghost_batch_norm, recompute_batchnorm_stats
+from ..norms import batch_renorm, ghost_batch_norm, recompute_batchnorm_stats, renorm_schedule
 from ..models.resnet import CIFARResNet
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig, fastest
@@ -161,7 +160,8 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
                         zero_init_residual=config["zero_init_residual"], in_channels=trx.shape[1])
     tc = train_config(run, config)
     task = ImageClassification(trx, try_, tex, tey, padding=config["padding"])
-    hooks = [brn_limits(tc, task, config)] if run["norm"] == "brn" else []
+    hooks = [renorm_schedule(config["brn_r_max"], config["brn_d_max"], hold=config["brn_hold"],
+                             ramp=config["brn_ramp"])] if run["norm"] == "brn" else []
     trainer = Trainer(model, task, tc, hooks=hooks, checkpoint=checkpoint, device=device)
     history = trainer.fit(progress=progress, desc=f"{run['norm']} N={run['batch_size']} seed={run['seed']}")
     metrics = {**trainer.summary(), "lr": tc.lr, "total_batch": tc.batch_size, "data_source": source,
@@ -174,14 +174,6 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
         recompute_batchnorm_stats(trainer.model, batches)
         metrics["test_error_precise_bn"] = trainer.evaluate()["test_error"]
     return {"metrics": metrics, "history": history}
-
-
-def brn_limits(tc: TrainConfig, task: ImageClassification, config: dict[str, Any]):
-    """Batch Renorm's r_max/d_max schedule as a trainer hook (BN for `brn_hold`, then a ramp)."""
-    total = task.num_train // tc.batch_size * tc.epochs
-    schedule = renorm_schedule(total, config["brn_r_max"], config["brn_d_max"], hold=config["brn_hold"],
-                               ramp=config["brn_ramp"])
-    return lambda trainer: schedule(trainer.model, trainer.step)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def build_model(kind: str, model: str, config: dict[str, Any], in_channels: int,
     width = config["width"]
     if model in ("nf", "nf_noagc", "nf_nows"):
         return NFResNet(depth=depth, width=width, in_channels=in_channels, alpha=config["alpha"], ws=model != "nf_nows")
-    norm = "default" if model == "bn" else None
+    norm = "bn" if model == "bn" else None
     if kind == "spp":  # the paper's plots are of pre-activation ResNets with projection shortcuts
         return PreActResNet(depth=depth, width=width, in_channels=in_channels, norm_layer=norm)
     return CIFARResNet(depth=depth, width=width, in_channels=in_channels, norm_layer=norm)

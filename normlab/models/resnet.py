@@ -14,7 +14,9 @@ norm projection there instead (the ImageNet ResNets' choice, and torchvision's).
 
 `norm_layer` is the same hook as torchvision's ResNets: a callable `norm_layer(num_channels) ->
 nn.Module`, used for every normalization in the network (stem, both norms of each block, option-B
-projections). `None` means no normalization (`nn.Identity`), for normalizer-free networks.
+projections), or a canonical norm name (`normlab.norms.NORM_NAMES`: `"bn"`, `"gn"`, ...) built by
+`normlab.norms.create_norm`. `None` (or `"none"`) means no normalization (`nn.Identity`), for
+normalizer-free networks.
 `zero_init_residual=True` sets $\\gamma = 0$ in each block's last norm so every residual branch
 starts at zero and each block is the identity at initialization (Goyal et al. 2017
 {cite}`goyal2017accurate`; the GN paper uses it for both BN and GN {cite}`wu2018group`).
@@ -22,22 +24,27 @@ starts at zero and each block is the identity at initialization (Goyal et al. 20
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.norms import create_norm
+
 NormLayer = Callable[[int], nn.Module]
 
 
-def default_norm_layer() -> NormLayer:
-    """normlab's from-scratch BatchNorm2d when it is importable, else torch's."""
-    try:
-        from normlab.norms import BatchNorm2d  # written from the formulas, torch.nn signature
-    except ImportError:  # pragma: no cover - depends on which helper modules exist
-        from torch.nn import BatchNorm2d
-    return BatchNorm2d
+def resolve_norm_layer(norm_layer: NormLayer | str | None) -> NormLayer | None:
+    """A `norm_layer(channels)` callable for a canonical norm name (`create_norm`), a callable as it is,
+    or `None` (no normalization) for `None` and `"none"`."""
+    if norm_layer is None or norm_layer == "none":
+        return None
+    if isinstance(norm_layer, str):
+        create_norm(norm_layer, 4)  # validates the name now, not at the first layer
+        return functools.partial(create_norm, norm_layer)
+    return norm_layer
 
 
 def norm_or_identity(norm_layer: NormLayer | None, channels: int) -> nn.Module:
@@ -112,8 +119,8 @@ class CIFARResNet(nn.Module):
     Args:
         depth: 6n+2 (20, 32, 44, 56, 110; 8 and 14 give the cheap n=1, 2 variants).
         num_classes: classifier outputs.
-        norm_layer: `norm_layer(channels) -> nn.Module`, or `None` for no normalization.
-            Default: normlab's BatchNorm2d (torch's while normlab.norms is not there).
+        norm_layer: a canonical norm name (`create_norm`), a callable `norm_layer(channels) ->
+            nn.Module`, or `None` for no normalization. Default `"bn"`: normlab's BatchNorm2d.
         width: channels of the first stage (16 in the paper); stages use width, 2*width, 4*width.
         shortcut: "A" (zero-pad, the paper's CIFAR choice) or "B" (1x1 conv + norm projection).
         zero_init_residual: gamma = 0 in each block's last norm, so every block starts as the identity.
@@ -121,7 +128,7 @@ class CIFARResNet(nn.Module):
         in_channels: image channels (3 for CIFAR-10, 1 for Fashion-MNIST).
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer: NormLayer | None | str = "default",
+    def __init__(self, depth: int = 20, num_classes: int = 10, norm_layer: NormLayer | str | None = "bn",
                  width: int = 16, shortcut: Literal["A", "B"] = "A", zero_init_residual: bool = False,
                  block: type[nn.Module] = BasicBlock, in_channels: int = 3):
         super().__init__()
@@ -131,8 +138,7 @@ class CIFARResNet(nn.Module):
             raise ValueError("width, num_classes and in_channels must be positive integers")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        if norm_layer == "default":
-            norm_layer = default_norm_layer()
+        norm_layer = resolve_norm_layer(norm_layer)
         n = (depth - 2) // 6
         self.depth, self.width = depth, width
         self.conv1 = conv3x3(in_channels, width)

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .. import norms
-from ..norms import BatchNorm1d, BatchNorm2d, LayerNorm
-from ..nf import RELU_GAMMA
+from ..norms import RELU_GAMMA, BatchNorm1d, BatchNorm2d, LayerNorm
 
 #: How `SmallCNN` normalizes its convolutions.
 VARIANTS = ("plain", "wn", "ws", "sws", "ws_gn", "bn")

@@ -23,17 +23,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from normlab.norms import LayerNorm, RMSNorm
+from normlab.norms import LayerNorm, RMSNorm, canonical_norm_name, create_norm
 
 PLACEMENTS = ("post", "pre")
-NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+NORMS = ("ln", "rms")
 
 
 def make_norm(norm: str, d_model: int) -> nn.Module:
-    """normlab's `LayerNorm(d_model)` {cite}`ba2016layer` or `RMSNorm(d_model)` {cite}`zhang2019root`."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
-    return NORMS[norm](d_model)
+    """normlab's `LayerNorm(d_model)` {cite}`ba2016layer` for `"ln"` or `RMSNorm(d_model)`
+    {cite}`zhang2019root` for `"rms"`, over the last dim of the `(B, T, d_model)` tokens (`create_norm`).
+
+    The spellings `"layernorm"` and `"rmsnorm"` are accepted too: the recorded prepost_ln runs use them.
+    """
+    try:
+        name = canonical_norm_name(norm)
+    except ValueError:
+        name = None
+    if name not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return create_norm(name, d_model)
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,7 +85,7 @@ class Block(nn.Module):
     """One Transformer layer: attention and FFN sublayers, each with a residual connection and a norm
     placed after the add (`"post"`) or at the sublayer's input (`"pre"`)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, placement: str = "pre", norm: str = "layernorm"):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, placement: str = "pre", norm: str = "ln"):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be 'post' or 'pre', got {placement!r}")
@@ -114,7 +122,7 @@ class Transformer(nn.Module):
         d_ff: int | None = None,
         context: int = 128,
         placement: str = "pre",
-        norm: str = "layernorm",
+        norm: str = "ln",
         embedding_std: float = 0.02,
     ):
         super().__init__()
@@ -145,7 +153,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=self.embedding_std)
-            elif isinstance(m, tuple(NORMS.values())):
+            elif isinstance(m, (LayerNorm, RMSNorm)):
                 m.reset_parameters()  # gain 1, bias 0
         for m in self.modules():
             if isinstance(m, CausalSelfAttention):
@@ -185,7 +193,7 @@ def param_count_formula(vocab_size: int, d_model: int, depth: int, d_ff: int, co
     $n_{norm} = 2d$ for LayerNorm (gain and bias) and $d$ for RMSNorm (gain only); plus $Vd + Td$
     (embeddings), $dV + V$ (head) and one more norm for pre-LN.
     """
-    n_norm = 2 * d_model if norm == "layernorm" else d_model
+    n_norm = 2 * d_model if canonical_norm_name(norm) == "ln" else d_model
     block = 4 * d_model**2 + 4 * d_model + 2 * d_model * d_ff + d_ff + d_model + 2 * n_norm
     return (depth * block + vocab_size * d_model + context * d_model + d_model * vocab_size + vocab_size
             + (n_norm if placement == "pre" else 0))
