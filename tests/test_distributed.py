@@ -34,6 +34,35 @@ WORKER = textwrap.dedent('''
         x = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
         return x, torch.randint(0, 10, (48,), generator=g)
 
+    if mode == "sync":  # SyncBatchNorm on uneven slices (one empty with 4 processes) of one global batch
+        from normlab.norms import SyncBatchNorm
+        sizes = [3, 5] if world == 2 else [3, 0, 5, 2]
+        saved = {}
+        for dtype in (torch.float64, torch.float32):
+            g = torch.Generator().manual_seed(1)
+            x = (torch.randn(sum(sizes), 4, 3, 2, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+            gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            xr = x[lo:hi].clone().requires_grad_()
+            sbn = SyncBatchNorm(4, momentum=0.3).to(dtype)
+            with torch.no_grad():
+                sbn.weight.copy_(torch.linspace(0.5, 2, 4)), sbn.bias.copy_(torch.linspace(-1, 1, 4))
+            for _ in range(2):  # two steps: the running estimates move twice
+                y = sbn(xr)
+            (y * gy[lo:hi]).sum().backward()
+            grads = [sbn.weight.grad.clone(), sbn.bias.grad.clone()]
+            for t in grads:
+                torch.distributed.all_reduce(t)  # the global batch's parameter gradient is the sum of the slices'
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, (y.detach(), xr.grad))
+            sbn.eval()
+            saved[str(dtype)] = {"y": torch.cat([p[0] for p in parts]), "dx": torch.cat([p[1] for p in parts]),
+                                 "dw": grads[0], "db": grads[1], "mean": sbn.running_mean.clone(),
+                                 "var": sbn.running_var.clone(), "count": sbn.num_batches_tracked.clone(),
+                                 "eval": sbn(x[lo:hi]).detach(), "x": x, "gy": gy, "lo": lo, "hi": hi}
+        torch.save(saved, out.replace(".pt", f".{rank}.pt"))
+        sys.exit(0)
+
     if mode == "mismatch":
         from normlab.experiments.gn_batch_size import local_workers
         try:
@@ -126,6 +155,36 @@ def test_ddp_with_per_worker_bn_equals_the_emulation(tmp_path, world):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path, world):
+    """Forward, input and parameter gradients, running statistics: as BatchNorm2d on the concatenated
+    batch, with uneven per-process batches (and, with 4 processes, one empty)."""
+    outs = _launch(tmp_path, world, "sync")
+    assert all(code == 0 for code, _, _ in outs), outs
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}.pt", weights_only=True)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            g = got[str(dtype)]
+            x = g["x"].clone().requires_grad_()
+            bn = torch.nn.BatchNorm2d(4, momentum=0.3).to(dtype)
+            with torch.no_grad():
+                bn.weight.copy_(torch.linspace(0.5, 2, 4)), bn.bias.copy_(torch.linspace(-1, 1, 4))
+            for _ in range(2):
+                y = bn(x)
+            (y * g["gy"]).sum().backward()
+            close = dict(rtol=tol, atol=tol)
+            torch.testing.assert_close(g["y"], y.detach(), **close)
+            torch.testing.assert_close(g["dx"], x.grad, **close)
+            torch.testing.assert_close(g["dw"], bn.weight.grad, **close)
+            torch.testing.assert_close(g["db"], bn.bias.grad, **close)
+            torch.testing.assert_close(g["mean"], bn.running_mean, **close)  # every process, the same estimates
+            torch.testing.assert_close(g["var"], bn.running_var, **close)
+            assert int(g["count"]) == int(bn.num_batches_tracked) == 2
+            bn.eval()
+            torch.testing.assert_close(g["eval"], bn(g["x"][g["lo"]:g["hi"]]).detach(), **close)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_an_error_not_a_hang(tmp_path):
     outs = _launch(tmp_path, 2, "die", timeout=90)
     assert outs[1][0] == 17
@@ -161,3 +220,29 @@ def test_torchrun_records_one_result_file(tmp_path):
     assert len(record["runs"]) == len(gn_batch_size.runs(gn_batch_size.PROFILES["smoke"]))
     assert all(0 <= r["metrics"]["test_error"] <= 100 for r in record["runs"])
     assert done.stdout.count("gn_batch_size / smoke") == 1  # one summary: rank 0's
+
+
+def test_sync_batchnorm_is_a_drop_in_for_torchs():
+    """torch.nn.SyncBatchNorm's constructor, state_dict and convert_sync_batchnorm; plain BN without a group."""
+    from torch import nn
+
+    from normlab.norms import BatchNorm2d, SyncBatchNorm
+
+    ours, theirs = SyncBatchNorm(5, eps=1e-3, momentum=0.2), nn.SyncBatchNorm(5, eps=1e-3, momentum=0.2)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    ref = nn.BatchNorm2d(5, eps=1e-3, momentum=0.2).double()
+    ours = ours.double()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    model = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5), nn.Sequential(BatchNorm2d(5)))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    model.eval()
+    converted = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(m).__name__ for m in converted.modules()].count("SyncBatchNorm") == 2
+    assert converted[1].weight is model[1].weight and not converted[1].training
+    torch.testing.assert_close(converted[1].running_mean, torch.full((5,), 0.5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        SyncBatchNorm(5)(torch.randn(1, 5, 1, 1))

@@ -13,7 +13,7 @@ from torch import nn
 from normlab.models.resnet import CIFARResNet
 from normlab.models.transformer import Transformer
 from normlab.tasks import CharLM, ImageClassification, random_crop_flip_reference
-from normlab.train import TrainConfig, Trainer, clip_grad_norm, fastest, log_grad_norm, lr_at
+from normlab.train import FASTEST, TrainConfig, Trainer, clip_grad_norm, fastest, log_grad_norm, lr_at
 
 
 def _tiny_data(n=64, seed=0, size=32):
@@ -180,9 +180,11 @@ def test_bf16_autocast_and_channels_last():
     assert model.conv1.weight.dtype == torch.float32  # master weights stay fp32
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert math.isfinite(h[-1]["test_loss"])
-    assert fastest("bn", TrainConfig(precision="auto", memory_format="auto")).memory_format == "channels_last"
-    assert fastest("gn", TrainConfig(precision="auto", memory_format="auto")).memory_format == "contiguous"
-    assert fastest("none", TrainConfig(precision="auto", memory_format="auto")).precision == "fp32"
+    auto = TrainConfig(precision="auto", memory_format="auto")
+    assert (fastest("gn", auto).precision, fastest("gn", auto).memory_format) == FASTEST["gn"]
+    kept = fastest("bn", TrainConfig(precision="fp32", memory_format="auto"))  # only "auto" is replaced
+    assert kept.precision == "fp32" and kept.memory_format == FASTEST["bn"][1]
+    assert (fastest("none", auto).precision, fastest("none", auto).memory_format) == ("fp32", "contiguous")
     with pytest.raises(ValueError, match="resolve 'auto'"):
         Trainer(model, _task(), TrainConfig(precision="auto"))
 

@@ -144,7 +144,9 @@ def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     """SGD at lr = base_lr * N/32 for a batch of k*N; precision and memory format from the config
     ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default)."""
     k, n = config["workers"], run["batch_size"]
-    return fastest(run["norm"], TrainConfig(
+    # the "bn" of this experiment is per-worker BN ("gbn") unless each process is one worker
+    key = "gbn" if run["norm"] == "bn" and local_workers(config) > 1 else run["norm"]
+    return fastest(key, TrainConfig(
         epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32, momentum=config["momentum"],
         weight_decay=config["weight_decay"], schedule=config["schedule"], warmup=config["warmup_epochs"],
         eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],

@@ -12,6 +12,7 @@ defaults, parameter and buffer names, train/eval semantics and the running-stati
 | `BatchNorm1d/2d` | $N$ (and $L$ or $H, W$), per channel | Ioffe & Szegedy 2015 | `batchnorm` |
 | `GhostBatchNorm2d` | as BatchNorm2d, per chunk of the batch | Hoffer et al. 2017 | `batchnorm` |
 | `BatchRenorm2d` | as GhostBatchNorm2d, corrected towards the running averages | Ioffe 2017 | `batchnorm` |
+| `SyncBatchNorm` | as BatchNorm, over the whole process group's batch | Ioffe & Szegedy 2015 | `batchnorm` |
 | `InstanceNorm2d` | $H, W$, per sample and channel | Ulyanov et al. 2016 | `batchnorm` |
 | `LayerNorm` | the trailing `normalized_shape` dims, per sample | Ba et al. 2016 | `normalization` |
 | `GroupNorm` | $C/G$ channels and all spatial dims, per sample | Wu & He 2018 | `normalization` |
@@ -40,6 +41,7 @@ from .batchnorm import (
     BatchRenorm2d,
     GhostBatchNorm2d,
     InstanceNorm2d,
+    SyncBatchNorm,
     _BatchNorm,
     _NormBase,
     batch_renorm,
@@ -62,7 +64,7 @@ from .weight import (
 __all__ = [
     "NORM_NAMES", "WEIGHT_NORM_NAMES", "canonical_norm_name", "create_norm", "create_conv",
     "mean_var", "BatchNorm1d", "BatchNorm2d", "InstanceNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
-    "LayerNorm", "GroupNorm", "RMSNorm",
+    "SyncBatchNorm", "LayerNorm", "GroupNorm", "RMSNorm",
     "ghost_batch_norm", "batch_renorm", "renorm_schedule", "recompute_batchnorm_stats", "per_worker_reference",
     "RELU_GAMMA", "nonlinearity_gamma", "weight_norm", "remove_weight_norm", "standardize_weight",
     "WSConv2d", "ScaledStdConv2d",

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from .normalization import _HALF, _affine, _opmath, _register_affine, _reset_affine, _shape, mean_var
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "InstanceNorm2d", "GhostBatchNorm2d", "BatchRenorm2d",
+    "BatchNorm1d", "BatchNorm2d", "InstanceNorm2d", "GhostBatchNorm2d", "BatchRenorm2d", "SyncBatchNorm",
     "ghost_batch_norm", "batch_renorm", "renorm_schedule", "recompute_batchnorm_stats", "per_worker_reference",
 ]
 
@@ -563,6 +563,94 @@ class BatchRenorm2d(GhostBatchNorm2d):
         x_hat = ((self._workers(x) - mean) / std * r + d).reshape(x.shape)
         # y = γ x̂ + β
         return _affine(self, x_hat, _channel_view(x))
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""BatchNorm whose statistics are those of the whole process group's batch (torch.nn.SyncBatchNorm).
+
+    With $P$ data-parallel processes holding $m_p$ values of a channel each, the statistics are those
+    of the concatenated batch, computed in two passes, each one all-reduce:
+
+    $$ m = \sum_p m_p, \quad \mu = \frac{1}{m}\sum_p \sum_{i \in p} x_i, \qquad
+       \sigma^2 = \frac{1}{m} \sum_p \sum_{i \in p} (x_i - \mu)^2 $$
+
+    (centered sums of squares, never $\mathbb{E}[x^2] - \mu^2$). The all-reduces are autograd
+    functions (`torch.distributed.nn.functional.all_reduce`), so the backward pass all-reduces the
+    gradient terms $\sum \partial\ell/\partial\mu$ and $\sum \partial\ell/\partial\sigma^2$ as well: every
+    process gets the input gradient that BatchNorm on the global batch would give its slice. Uneven
+    per-process batches and a process with an empty batch are fine; the running estimates move with
+    the global statistics, identically on every process. Eval mode uses the running estimates and
+    communicates nothing. Unlike torch's, it runs on CPU (gloo) as well as CUDA (NCCL); without an
+    initialized process group it is plain `BatchNorm` over the local batch.
+
+    Shape:
+        - Input: $(N, C, *)$, output the same.
+
+    Example:
+        >>> model = SyncBatchNorm.convert_sync_batchnorm(model)   # every BatchNorm, under torchrun
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        self._global_count = 0
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expects (N, C, *) input with at least 2 dims, got shape {_shape(x)}")
+
+    def _check_batch(self, x: Tensor) -> None:
+        pass  # only the global batch can be judged: batch_stats checks it
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return t
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, group=self.process_group or dist.group.WORLD)
+
+    def batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and biased variance over the whole group's batch, shape `(1, C, 1, ...)`: two all-reduces."""
+        dims = [0] + list(range(2, x.dim()))
+        view = _channel_view(x)
+        # m = Σ_p m_p  and  Σ_p Σ_i x_i   in one all-reduce
+        local = torch.cat([x.new_full((1,), x.numel() // x.shape[1]), x.sum(dims)])
+        total = self._all_reduce(local)
+        count = int(total[0].item())
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} over the whole "
+                             f"process group (this process: input of shape {_shape(x)}); use larger batches")
+        self._global_count = count
+        # μ = Σ x / m
+        mean = (total[1:] / count).reshape(view)
+        # σ² = Σ_p Σ_i (x_i - μ)² / m
+        var = (self._all_reduce((x - mean).square().sum(dims)) / count).reshape(view)
+        return mean, var
+
+    def _track(self, x: Tensor, mean: Tensor, var: Tensor, factor: float) -> None:
+        """Every process moves its running estimates with the global statistics (even with an empty batch)."""
+        self.update_running_stats(*self.channel_stats(mean, var), self._global_count, factor)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """`module` with every BatchNorm (torch's or normlab's, 1-D/2-D/3-D) replaced by a `SyncBatchNorm`
+        holding the same parameters and buffers (torch.nn.SyncBatchNorm.convert_sync_batchnorm)."""
+        out = module
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchNorm)) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight, out.bias = module.weight, module.bias
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
 
 
 def ghost_batch_norm(num_workers: int, **kwargs) -> Callable[[int], GhostBatchNorm2d]:
