@@ -521,3 +521,49 @@ def test_real_cifar10(monkeypatch):
     assert means.tolist() == pytest.approx([0.4913, 0.4821, 0.4465], abs=5e-4)
     assert s.source == ("cifar10-jpeg image folder (JPEG re-encoding, cifar10-jpeg.tar.gz) at "
                         "$NORMLAB_DATA/cifar10-jpeg")
+
+
+# ---------------------------------------------------------------- subsets, resolution, tokens
+
+def _split(n_train=20, n_test=10, size=32, channels=3):
+    g = torch.Generator().manual_seed(0)
+    return data.Split(torch.randint(0, 256, (n_train, channels, size, size), dtype=torch.uint8, generator=g),
+                      torch.arange(n_train), torch.randint(0, 256, (n_test, channels, size, size), dtype=torch.uint8,
+                                                           generator=g), torch.arange(n_test), "test copy")
+
+
+def test_subset_is_seeded_and_draws_test_after_train():
+    s = _split()
+    a, b = data.subset(s, 5, 4, seed=1), data.subset(s, 5, 4, seed=1)
+    assert torch.equal(a.train_labels, b.train_labels) and torch.equal(a.test_labels, b.test_labels)
+    g = torch.Generator().manual_seed(1)
+    assert a.train_labels.tolist() == torch.randperm(20, generator=g)[:5].tolist()
+    assert a.test_labels.tolist() == torch.randperm(10, generator=g)[:4].tolist()  # the same generator, continued
+    torch.testing.assert_close(a.train_images, s.train_images[a.train_labels])
+    c = data.subset(s, 5, 4, seed=1, test_seed=7)
+    assert c.test_labels.tolist() == torch.randperm(10, generator=torch.Generator().manual_seed(7))[:4].tolist()
+    full = data.subset(s, None, 99, seed=3)
+    assert full.train_images is s.train_images and full.test_images is s.test_images
+
+
+def test_resize_is_a_box_filter_and_pads_28px_first():
+    s = _split(size=32)
+    r = data.resize(s, 16)
+    expect = s.train_images.float().unflatten(2, (16, 2)).unflatten(4, (16, 2)).mean((3, 5)).round()
+    assert torch.equal(r.train_images, expect.to(torch.uint8)) and r.source == "test copy, downsampled to 16x16"
+    f = data.resize(_split(size=28, channels=1), 32)
+    assert f.train_images.shape[-1] == 32 and f.train_images[..., :2, :].sum() == 0
+    with pytest.raises(ValueError, match="image_size 12 must divide"):
+        data.resize(s, 12)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.load("mnist")
+
+
+def test_char_split_is_contiguous_and_complete():
+    train, val, vocab = data.char_split(0.1)
+    text = data.tiny_shakespeare()
+    assert len(train) + len(val) == len(text) and len(vocab) == 65
+    assert "".join(vocab[i] for i in train[:50].tolist()) == text[:50]
+    assert "".join(vocab[i] for i in val[-20:].tolist()) == text[-20:]
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.char_split(1.0)

@@ -122,6 +122,12 @@ def norm_layer(norm: str, config: dict[str, Any]):
         return ghost_batch_norm(local_workers(config), momentum=config["bn_momentum"],
                                 running_stats=config["bn_running_stats"],
                                 impl="fused" if impl == "fused" else "formula")
+    if norm == "sbn":  # synchronized BN: statistics of all k workers' images; under torchrun, really synced
+        if torch.distributed.is_initialized():
+            from ..norms import SyncBatchNorm
+
+            return lambda channels: SyncBatchNorm(channels, momentum=config["bn_momentum"])
+        return ghost_batch_norm(1, momentum=config["bn_momentum"], impl="fused" if impl == "fused" else "formula")
     if norm == "brn":  # starts as BN (r_max=1, d_max=0); `run_one` relaxes the limits on a schedule
         return batch_renorm(local_workers(config), r_max=1.0, d_max=0.0, momentum=config["bn_momentum"],
                             running_stats=config["bn_running_stats"])
@@ -137,7 +143,7 @@ def norm_layer(norm: str, config: dict[str, Any]):
                 raise ValueError(f"gn_groups={groups} does not divide {channels} channels")
             return GroupNorm(groups, channels)
         return gn
-    raise ValueError(f"norm must be 'bn', 'gn' or 'brn', got {norm!r}")
+    raise ValueError(f"norm must be 'bn', 'sbn', 'gn' or 'brn', got {norm!r}")
 
 
 def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
@@ -145,7 +151,7 @@ def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default)."""
     k, n = config["workers"], run["batch_size"]
     # the "bn" of this experiment is per-worker BN ("gbn") unless each process is one worker
-    key = "gbn" if run["norm"] == "bn" and local_workers(config) > 1 else run["norm"]
+    key = {"bn": "gbn" if local_workers(config) > 1 else "bn", "sbn": "bn"}.get(run["norm"], run["norm"])
     return fastest(key, TrainConfig(
         epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32, momentum=config["momentum"],
         weight_decay=config["weight_decay"], schedule=config["schedule"], warmup=config["warmup_epochs"],
@@ -169,7 +175,7 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
     metrics = {**trainer.summary(), "lr": tc.lr, "total_batch": tc.batch_size, "data_source": source,
                "n_train": len(trx), "n_test": len(tex),
                "precision": tc.precision, "memory_format": tc.memory_format}
-    if run["norm"] in ("bn", "brn"):  # precise BN: population statistics recomputed after training
+    if run["norm"] in ("bn", "brn", "sbn"):  # precise BN: population statistics recomputed after training
         n = min(config["precise_bn_images"], len(trx))
         batches = (task.normalize(task.x[i: i + config["precise_bn_batch"]])
                    for i in range(0, n, config["precise_bn_batch"]))
