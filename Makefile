@@ -39,8 +39,7 @@ run: venv
 notebooks: venv
 	JUPYTER_PATH=$(VENV)/share/jupyter $(VENV)/bin/jupyter-execute --inplace --kernel_name=python3 \
 	    --timeout=1200 $(NB)
-	$(PY) -c "import sys, nbformat; [nbformat.write(nb, p) for p in sys.argv[1:] for nb in [nbformat.read(p, 4)] \
-	    if [c.metadata.pop('execution', None) for c in nb.cells] is not None]" $(NB)
+	$(PY) -c "import sys; sys.path.insert(0, 'tests'); import nbtools; [nbtools.tidy(p) for p in sys.argv[1:]]" $(NB)
 
 clean:
 	rm -rf _build

@@ -22,3 +22,23 @@ def run_smoke(notebook: Path, workdir: Path, profile: str = "smoke") -> Path:
         cwd=str(workdir), execution_timeout=CELL_TIMEOUT_S, progress_bar=False, log_output=False,
     )
     return out
+
+
+def tidy(path: str | Path) -> None:
+    """A freshly executed notebook as the book commits it: no execution timestamps, and consecutive
+    prints of a cell in one stream output (the kernel splits them by timing, which would churn diffs)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), 4)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        outputs = []
+        for out in cell.get("outputs", []):
+            prev = outputs[-1] if outputs else None
+            if prev is not None and out.output_type == prev.output_type == "stream" and out.name == prev.name:
+                prev.text += out.text
+            else:
+                outputs.append(out)
+        if "outputs" in cell:
+            cell.outputs = outputs
+    nbformat.write(nb, str(path))

@@ -216,7 +216,8 @@ def flops_per_token(model: Transformer, context: int | None = None) -> dict[str,
 def describe(model: Transformer) -> str:
     """One line: architecture, parameter count and FLOPs per token."""
     f = flops_per_token(model)
-    return (f"{model.placement}-LN {model.norm}, depth {model.depth}, d_model {model.d_model}, "
+    norm = {"ln": "LayerNorm", "rms": "RMSNorm"}[canonical_norm_name(model.norm)]
+    return (f"{model.placement}-LN with {norm}, depth {model.depth}, d_model {model.d_model}, "
             f"{model.n_heads} heads, d_ff {model.d_ff}, context {model.context}: "
             f"{num_params(model):,} parameters, {f['forward'] / 1e6:.2f} MFLOP/token forward "
             f"({f['train'] / 1e6:.2f} MFLOP/token for a training step)")
