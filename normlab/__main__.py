@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="intra-op CPU threads per process (default: torch's, or the cores divided by K)")
     show = sub.add_parser("show", help="print a recorded result")
     show.add_argument("experiment")
-    show.add_argument("--profile", default=None, help="default: the profile the book shows (full, else cpu_long, else cpu)")
+    show.add_argument("--profile", default=None, help="default: the profile the book shows (the first complete of full, cpu_converged, cpu_long, cpu)")
     args = parser.parse_args(argv)
 
     try:

@@ -24,8 +24,11 @@ import torch
 from .utils import repo_root
 
 #: smoke: seconds (CI); cpu: <= 30 min on 2 cores; cpu_long: ~1-2 h on 2 cores, where a question needs
-#: longer training than `cpu` affords; full: a GPU. Not every experiment has every profile.
-PROFILES = ("smoke", "cpu", "cpu_long", "full")
+#: longer training than `cpu` affords; cpu_converged: trained until the verdict stops moving, many
+#: CPU-hours; full: a GPU. Not every experiment has every profile.
+PROFILES = ("smoke", "cpu", "cpu_long", "cpu_converged", "full")
+#: What a chapter shows, best first (a record still being recorded is skipped).
+SHOWN = ("full", "cpu_converged", "cpu_long", "cpu")
 
 
 def results_dir() -> Path:
@@ -120,9 +123,10 @@ def load_path(path: Path) -> dict[str, Any]:
 
 
 def best_profile(experiment: str) -> str:
-    """The profile the book shows: `full` if recorded, else `cpu_long`, else `cpu`."""
-    for profile in ("full", "cpu_long", "cpu"):
-        if result_path(experiment, profile).exists():
+    """The profile the book shows: the first of `SHOWN` whose record is complete (every run recorded)."""
+    for profile in SHOWN:
+        path = result_path(experiment, profile)
+        if path.exists() and load_path(path).get("complete", True):
             return profile
     raise FileNotFoundError(
         f"no recorded results for {experiment!r} in {results_dir()}: "
@@ -131,7 +135,7 @@ def best_profile(experiment: str) -> str:
 
 
 def load(experiment: str, profile: str | None = None) -> dict[str, Any]:
-    """Load recorded results; `profile=None` or `"recorded"` picks `full`, else `cpu_long`, else `cpu`."""
+    """Load recorded results; `profile=None` or `"recorded"` picks the best complete one (`SHOWN`)."""
     if profile in (None, "recorded"):
         profile = best_profile(experiment)
     path = result_path(experiment, profile)

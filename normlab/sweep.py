@@ -111,7 +111,8 @@ def sweep(
     # under torchrun every process runs the sweep; rank 0 claims runs, tells the others, and records
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     new_record = {"experiment": experiment, "profile": profile,
-                  "provenance": provenance(profile, device), "config": config, "runs": []}
+                  "provenance": provenance(profile, device), "config": config, "complete": not module.runs(config),
+                  "runs": []}
     all_runs = module.runs(config)
     done = {r["key"] for r in existing["runs"]} if existing is not None else set()
     if log and done:
@@ -149,6 +150,7 @@ def sweep(
             record = load_path(out) if out.exists() else new_record
             record["runs"].append({"key": key, "config": run_config, "seed": run_config.get("seed"),
                                    **result, "wall_s": round(wall, 2)})
+            record["complete"] = {run_key(r) for r in all_runs} <= {r["key"] for r in record["runs"]}
             # the sum of the runs' wall times (with several processes, more than the elapsed time)
             record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
             atomic_write_json(out, record)

@@ -557,13 +557,3 @@ def test_resize_is_a_box_filter_and_pads_28px_first():
         data.resize(s, 12)
     with pytest.raises(ValueError, match="dataset must be one of"):
         data.load("mnist")
-
-
-def test_char_split_is_contiguous_and_complete():
-    train, val, vocab = data.char_split(0.1)
-    text = data.tiny_shakespeare()
-    assert len(train) + len(val) == len(text) and len(vocab) == 65
-    assert "".join(vocab[i] for i in train[:50].tolist()) == text[:50]
-    assert "".join(vocab[i] for i in val[-20:].tolist()) == text[-20:]
-    with pytest.raises(ValueError, match="val_fraction"):
-        data.char_split(1.0)

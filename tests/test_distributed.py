@@ -29,6 +29,11 @@ WORKER = textwrap.dedent('''
     device = init_distributed("cpu")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
+    def finish():  # leave together: a process that tears gloo down while a peer still talks to it aborts
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        sys.exit(0)
+
     def data():
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
@@ -61,7 +66,7 @@ WORKER = textwrap.dedent('''
                                  "var": sbn.running_var.clone(), "count": sbn.num_batches_tracked.clone(),
                                  "eval": sbn(x[lo:hi]).detach(), "x": x, "gy": gy, "lo": lo, "hi": hi}
         torch.save(saved, out.replace(".pt", f".{rank}.pt"))
-        sys.exit(0)
+        finish()
 
     if mode == "mismatch":
         from normlab.experiments.gn_batch_size import local_workers
@@ -74,7 +79,7 @@ WORKER = textwrap.dedent('''
             Trainer(CIFARResNet(8, width=4), ImageClassification(x, y), TrainConfig(batch_size=5))
         except ValueError as e:
             print("ERROR", e)
-        sys.exit(0)
+        finish()
 
     torch.manual_seed(0)
     model = CIFARResNet(8, width=4, norm_layer=ghost_batch_norm(1, impl="formula"))  # this process's own BN
@@ -90,6 +95,7 @@ WORKER = textwrap.dedent('''
     history = trainer.fit()
     if rank == 0:
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "history": history}, out)
+    finish()
 ''')
 
 

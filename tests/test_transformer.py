@@ -210,3 +210,15 @@ def test_smoke_profile_records_the_keys(tmp_path):
     assert len(series) == 2 * len({r["config"]["depth"] for r in series})
     with pytest.raises(ValueError, match="unknown study"):
         prepost_ln.run_one({"study": "nope"}, config, torch.device("cpu"))
+
+
+def test_char_split_is_contiguous_and_complete():
+    from normlab.data import char_split, tiny_shakespeare
+
+    train, val, vocab = char_split(0.1)
+    text = tiny_shakespeare()
+    assert len(train) + len(val) == len(text) and len(vocab) == 65
+    assert "".join(vocab[i] for i in train[:50].tolist()) == text[:50]
+    assert "".join(vocab[i] for i in val[-20:].tolist()) == text[-20:]
+    with pytest.raises(ValueError, match="val_fraction"):
+        char_split(1.0)

@@ -114,6 +114,7 @@ def _cost_worker(cost: dict[str, Any], out: str) -> None:
                        "sync_bytes_per_step": sync_bytes_per_step(models["sbn"]),
                        "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in models["sbn"].modules()),
                        "world_size": world, "threads_per_process": 1}, f)
+    torch.distributed.barrier()  # leave together (gloo aborts a process torn down while a peer talks to it)
     torch.distributed.destroy_process_group()
 
 

@@ -565,6 +565,28 @@ class BatchRenorm2d(GhostBatchNorm2d):
         return _affine(self, x_hat, _channel_view(x))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """$y = \sum_p x_p$ on every process; backward: $\partial\ell/\partial x_p = \sum_q \partial\ell_q/\partial y$
+    (every process's loss depends on the sum, so the gradient terms are all-reduced as well)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class SyncBatchNorm(_BatchNorm):
     r"""BatchNorm whose statistics are those of the whole process group's batch (torch.nn.SyncBatchNorm).
 
@@ -575,7 +597,7 @@ class SyncBatchNorm(_BatchNorm):
        \sigma^2 = \frac{1}{m} \sum_p \sum_{i \in p} (x_i - \mu)^2 $$
 
     (centered sums of squares, never $\mathbb{E}[x^2] - \mu^2$). The all-reduces are autograd
-    functions (`torch.distributed.nn.functional.all_reduce`), so the backward pass all-reduces the
+    functions (`_AllReduceSum`), so the backward pass all-reduces the
     gradient terms $\sum \partial\ell/\partial\mu$ and $\sum \partial\ell/\partial\sigma^2$ as well: every
     process gets the input gradient that BatchNorm on the global batch would give its slice. Uneven
     per-process batches and a process with an empty batch are fine; the running estimates move with
@@ -608,9 +630,7 @@ class SyncBatchNorm(_BatchNorm):
 
         if not dist.is_available() or not dist.is_initialized():
             return t
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(t, group=self.process_group or dist.group.WORLD)
+        return _AllReduceSum.apply(t, self.process_group or dist.group.WORLD)
 
     def batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and biased variance over the whole group's batch, shape `(1, C, 1, ...)`: two all-reduces."""
