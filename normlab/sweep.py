@@ -148,8 +148,10 @@ def sweep(
         with _locked(out) as claims:  # re-read the record: other processes may have added runs meanwhile
             claims.pop(key, None)
             record = load_path(out) if out.exists() else new_record
+            # a recording may span sessions and commits: each run says which code produced it
+            code = {k: new_record["provenance"][k] for k in ("git_commit", "git_dirty", "torch", "num_threads")}
             record["runs"].append({"key": key, "config": run_config, "seed": run_config.get("seed"),
-                                   **result, "wall_s": round(wall, 2)})
+                                   **result, "wall_s": round(wall, 2), "provenance": code})
             record["complete"] = {run_key(r) for r in all_runs} <= {r["key"] for r in record["runs"]}
             # the sum of the runs' wall times (with several processes, more than the elapsed time)
             record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)

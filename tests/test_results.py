@@ -76,6 +76,7 @@ def test_sweep_records_and_skips(slow_exp):
     rec = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert [r["metrics"]["square"] for r in rec["runs"]] == [0, 1]
     assert rec["provenance"]["profile"] == "cpu" and rec["config"] == {"n": 2, "sleep": 0.0}
+    assert rec["complete"] and all(r["provenance"]["git_commit"] == rec["provenance"]["git_commit"] for r in rec["runs"])
     started = (tmp_path / "started.log").read_text().splitlines()
     rec2 = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert rec2["runs"] == rec["runs"]
@@ -202,3 +203,12 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
     assert "python -m normlab run signal_propagation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "signal_propagation", "--profile", "huge"])
+
+
+def test_the_book_never_shows_a_record_still_being_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    for profile, complete in (("cpu", True), ("cpu_converged", False)):
+        results.atomic_write_json(results.result_path("exp", profile), {"runs": [], "complete": complete})
+    assert results.best_profile("exp") == "cpu"
+    results.atomic_write_json(results.result_path("exp", "cpu_converged"), {"runs": [], "complete": True})
+    assert results.best_profile("exp") == "cpu_converged"
