@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list experiments and their recorded profiles")
     run = sub.add_parser("run", help="run (or resume) an experiment's sweep and record it under results/")
     run.add_argument("experiment")
-    run.add_argument("--profile", default="smoke", choices=results.PROFILES)
+    run.add_argument("--profile", default="smoke",
+                     help=f"one of the experiment's profiles ({', '.join(results.PROFILES)}, or its own)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     run.add_argument("--out", default=None, help="result file (default: results/EXP/PROFILE.json)")
     run.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")

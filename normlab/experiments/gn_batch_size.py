@@ -77,6 +77,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                       "memory_format": "auto"},
     "full": {**_COMMON, "depth": 20, "width": 16, "epochs": 30, "train_subset": None, "test_subset": None,
              "seeds": [0, 1, 2], "precise_bn_images": 10000},
+    # `full` with synchronized BN (`torchrun`: SyncBatchNorm over all workers; one device: BN over k*N)
+    "full_sync": {**_COMMON, "norms": ["sbn", "gn"], "depth": 20, "width": 16, "epochs": 30, "train_subset": None,
+                  "test_subset": None, "seeds": [0, 1, 2], "precise_bn_images": 10000},
 }
 
 

@@ -566,7 +566,7 @@ class BatchRenorm2d(GhostBatchNorm2d):
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """$y = \sum_p x_p$ on every process; backward: $\partial\ell/\partial x_p = \sum_q \partial\ell_q/\partial y$
+    r"""$y = \sum_p x_p$ on every process; backward: $\partial\ell/\partial x_p = \sum_q \partial\ell_q/\partial y$
     (every process's loss depends on the sum, so the gradient terms are all-reduced as well)."""
 
     @staticmethod
