@@ -13,6 +13,7 @@ NORM_COLORS = {
     "bn": "#1f77b4",
     "gbn": "#aec7e8",
     "brn": "#17456b",
+    "sbn": "#3a5f8a",
     "ln": "#ff7f0e",
     "rms": "#d62728",
     "gn": "#2ca02c",

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_names():
-    assert NORM_NAMES == ("none", "bn", "gbn", "brn", "ln", "rms", "gn", "in", "wn", "ws", "sws", "nf")
+    assert NORM_NAMES == ("none", "bn", "gbn", "brn", "sbn", "ln", "rms", "gn", "in", "wn", "ws", "sws", "nf")
     assert set(WEIGHT_NORM_NAMES) <= set(NORM_NAMES)
     assert set(plots.NORM_COLORS) == set(NORM_NAMES)
     assert len(set(plots.NORM_COLORS.values())) == len(NORM_NAMES)
@@ -30,6 +30,7 @@ def test_the_names():
     ("bn", norms.BatchNorm2d, {"num_features": 64}),
     ("gbn", norms.GhostBatchNorm2d, {"num_features": 64, "num_workers": 1}),
     ("brn", norms.BatchRenorm2d, {"num_features": 64, "r_max": 3.0}),
+    ("sbn", norms.SyncBatchNorm, {"num_features": 64}),
     ("ln", norms.LayerNorm, {"normalized_shape": (64,)}),
     ("rms", norms.RMSNorm, {"normalized_shape": (64,)}),
     ("gn", norms.GroupNorm, {"num_groups": 32, "num_channels": 64}),
@@ -100,7 +101,7 @@ def test_create_norm_accepts_classes_and_callables():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown norm 'BatchNorm'; the names are none, bn, gbn, brn, ln, rms, gn"):
+    with pytest.raises(ValueError, match=r"unknown norm 'BatchNorm'; the names are none, bn, gbn, brn, sbn, ln, rms, gn"):
         create_norm("BatchNorm", 8)
     with pytest.raises(ValueError, match="unknown norm 'groupnorm'"):  # no record uses it: not accepted
         canonical_norm_name("groupnorm")

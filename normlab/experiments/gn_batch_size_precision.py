@@ -17,7 +17,7 @@ import torch
 from . import gn_batch_size as base
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {**base.PROFILES["smoke"], "batch_size": 8, "precisions": ["fp32", "auto"]},
+    "smoke": {**base.PROFILES["smoke"], "batch_size": 8, "precisions": ["fp32", "auto"], "seeds": [0, 1]},
     "cpu": {**base.PROFILES["cpu"], "batch_size": 32, "precisions": ["fp32", "auto"]},
 }
 

@@ -28,7 +28,7 @@ import torch
 from . import gn_batch_size as base
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {**base.PROFILES["smoke"], "accuracy_norms": ["bn", "sbn", "gn"], "accuracy_batch_size": 2,
+    "smoke": {**base.PROFILES["smoke"], "accuracy_norms": ["bn", "sbn", "gn"], "accuracy_batch_size": 2, "seeds": [0, 1],
               "cost": {"depth": 8, "width": 8, "image_size": 16, "batch_size": 2, "steps": 3, "repeats": 3}},
     "cpu": {**base.PROFILES["cpu"], "accuracy_norms": ["bn", "sbn", "gn"], "accuracy_batch_size": 2,
             "cost": {"depth": 20, "width": 16, "image_size": 32, "batch_size": 2, "steps": 20, "repeats": 9}},

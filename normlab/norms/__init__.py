@@ -71,9 +71,10 @@ __all__ = [
 ]
 
 #: The canonical normalization names: `none`, BatchNorm, ghost (per-worker) BatchNorm, Batch
-#: Renormalization, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, then the weight normalizations:
+#: Renormalization, synchronized BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, then the weight
+#: normalizations:
 #: weight norm, weight standardization, scaled WS, normalizer-free.
-NORM_NAMES = ("none", "bn", "gbn", "brn", "ln", "rms", "gn", "in", "wn", "ws", "sws", "nf")
+NORM_NAMES = ("none", "bn", "gbn", "brn", "sbn", "ln", "rms", "gn", "in", "wn", "ws", "sws", "nf")
 #: The names whose normalization is in the convolution's weights (`create_conv`), not in a norm layer.
 WEIGHT_NORM_NAMES = ("wn", "ws", "sws", "nf")
 #: Older spellings that recorded results (`results/*/*.json`: signal_propagation, prepost_ln) contain.
@@ -113,6 +114,7 @@ _ACTIVATION_NORMS: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm2d,
     "gbn": GhostBatchNorm2d,
     "brn": BatchRenorm2d,
+    "sbn": SyncBatchNorm,
     "ln": LayerNorm,
     "rms": RMSNorm,
     "gn": _group_norm,
@@ -132,6 +134,7 @@ def create_norm(norm: str | Callable[..., nn.Module], num_channels: int, **kwarg
     | `bn` | `BatchNorm2d(C, **kw)` | `(N, C, H, W)` |
     | `gbn` | `GhostBatchNorm2d(C, **kw)`, e.g. `num_workers=8` | `(kN, C, H, W)` |
     | `brn` | `BatchRenorm2d(C, **kw)`, e.g. `num_workers`, `r_max`, `d_max` | `(kN, C, H, W)` |
+    | `sbn` | `SyncBatchNorm(C, **kw)`: statistics over the whole process group (`torchrun`) | `(N, C, *)` |
     | `gn` | `GroupNorm(G, C, **kw)`, `G` = `num_groups` (or `groups`), default 32 as Wu & He | `(N, C, *)` |
     | `in` | `InstanceNorm2d(C, affine=True, **kw)`: per-channel $\gamma, \beta$ like GN with $G = C$ (torch's default is `affine=False`) | `(N, C, H, W)` |
     | `ln` | `LayerNorm(C, **kw)`: over the **last** dim, torch's and timm's `layernorm` | `(*, C)` |

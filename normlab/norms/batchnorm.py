@@ -609,7 +609,9 @@ class SyncBatchNorm(_BatchNorm):
         - Input: $(N, C, *)$, output the same.
 
     Example:
-        >>> model = SyncBatchNorm.convert_sync_batchnorm(model)   # every BatchNorm, under torchrun
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        >>> SyncBatchNorm.convert_sync_batchnorm(model)[1]  # every BatchNorm, before wrapping in DDP
+        SyncBatchNorm(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
