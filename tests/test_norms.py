@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from normlab import norms
+from normlab.parity import compare_with_torch, twin
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
@@ -31,14 +32,7 @@ def test_guard_catches_torch_layers(no_fused):
 def _pair(ours_cls, ref_cls, dtype, *args, ours_kw=None, **kwargs):
     """The same layer from normlab and torch, with identical random affine parameters (`ours_kw`: extra
     arguments for normlab's layer only)."""
-    torch.manual_seed(0)
-    ours = ours_cls(*args, dtype=dtype, **kwargs, **(ours_kw or {}))
-    ref = ref_cls(*args, dtype=dtype, **kwargs)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p))
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    return twin(ours_cls, ref_cls, *args, dtype=dtype, ours_kw=ours_kw, **kwargs)
 
 
 def _step(layer, x, probe, guard=None):
@@ -66,22 +60,10 @@ def _assert_same(ours, ref, x, no_fused, dtype, tag=""):
 
 def _train_and_eval(ours, ref, make_x, no_fused, dtype, steps=4):
     """Several SGD steps in train mode (outputs, grads, buffers equal at each), then eval mode."""
-    opt1 = torch.optim.SGD(ours.parameters(), lr=0.1) if list(ours.parameters()) else None
-    opt2 = torch.optim.SGD(ref.parameters(), lr=0.1) if list(ref.parameters()) else None
-    for step in range(steps):
-        x = make_x(step)
-        _assert_same(ours, ref, x, no_fused, dtype, tag=f"train step {step}")
-        if opt1:
-            opt1.step()
-            opt2.step()
-        for (n1, b1), (n2, b2) in zip(ours.named_buffers(), ref.named_buffers()):
-            assert n1 == n2
-            torch.testing.assert_close(b1, b2, **TOL[dtype], msg=lambda m: f"buffer {n1} step {step}: {m}")
-    ours.eval()
-    ref.eval()
-    _assert_same(ours, ref, make_x(steps), no_fused, dtype, tag="eval")
-    for (n1, b1), (_, b2) in zip(ours.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b1, b2, **TOL[dtype], msg=lambda m: f"buffer {n1} after eval: {m}")
+    for row in compare_with_torch(ours, ref, make_x, steps=steps, guard=no_fused):
+        mode, step = row.pop("_")
+        for name, (a, b) in row.items():
+            torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name} ({mode} step {step}): {m}")
 
 
 def _data(shape, dtype, offset=1.0, scale=2.0):
