@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     summary = doc[0] if doc else ""
                 except Exception as e:  # one broken experiment must not hide the others
                     summary = f"(cannot import: {type(e).__name__}: {e})"
-                print(f"{name:18s} recorded: {', '.join(recorded) or '-':16s} {summary}")
+                print(f"{name:24s} recorded: {', '.join(recorded) or '-':24s} {summary}")
         elif args.cmd == "run" and args.parallel > 1:
             code = sweep.launch(args.experiment, args.profile, args.parallel, out=args.out, device=args.device,
                                 threads=args.threads)
