@@ -15,13 +15,8 @@ from .experiments import available, get_experiment
 
 
 def _show(record: dict) -> str:
-    prov = record["provenance"]
-    lines = [
-        f"{record['experiment']} / {record['profile']}: {len(record['runs'])} runs",
-        f"  commit {str(prov.get('git_commit'))[:10]}{' (dirty)' if prov.get('git_dirty') else ''}, "
-        f"torch {prov.get('torch')}, {prov.get('device')} ({prov.get('device_name')}), "
-        f"started {prov.get('started')}, wall {prov.get('wall_s', 0):.0f} s",
-    ]
+    lines = [f"{record['experiment']} / {record['profile']}: {len(record['runs'])} runs",
+             f"  {results.header(record)}, started {record['provenance'].get('started')}"]
     for run in record["runs"]:
         metrics = {k: v for k, v in run.get("metrics", {}).items() if isinstance(v, (int, float, bool))}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

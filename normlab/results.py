@@ -144,6 +144,20 @@ def load(experiment: str, profile: str | None = None) -> dict[str, Any]:
     return load_path(path)
 
 
+def header(record: dict[str, Any]) -> str:
+    """One line of provenance for a chapter or the CLI: profile, runs, code, library, hardware, compute."""
+    prov = record["provenance"]
+    world = prov.get("world_size", 1)
+    where = f"{prov.get('num_threads')} thread(s)" + (f" x {world} processes" if world > 1 else "")
+    status = "" if record.get("complete", True) else ", still recording"
+    dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
+    seconds = sum(r.get("wall_s", 0) for r in record["runs"])
+    compute = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return (f"profile {record['profile']}: {len(record['runs'])} runs{status}, commit "
+            f"{(prov.get('git_commit') or 'unknown')[:10]}{dirty}, torch {prov.get('torch')}, {prov.get('device')} "
+            f"({prov.get('device_name')}, {where}), {compute} of compute")
+
+
 def for_notebook(experiment: str, profile: str) -> dict[str, Any]:
     """What a chapter shows: recorded results for `profile="recorded"`, else a real run of `profile`.
 

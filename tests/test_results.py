@@ -212,3 +212,15 @@ def test_the_book_never_shows_a_record_still_being_recorded(tmp_path, monkeypatc
     assert results.best_profile("exp") == "cpu"
     results.atomic_write_json(results.result_path("exp", "cpu_converged"), {"runs": [], "complete": True})
     assert results.best_profile("exp") == "cpu_converged"
+
+
+def test_header_says_where_a_record_came_from():
+    prov = {"git_commit": "0123456789abcdef", "git_dirty": True, "torch": "2.14", "device": "cpu",
+            "device_name": "Some CPU", "num_threads": 1, "world_size": 2}
+    record = {"profile": "cpu_converged", "provenance": prov, "complete": False,
+              "runs": [{"wall_s": 90.0}, {"wall_s": 30.0}]}
+    line = results.header(record)
+    assert line == ("profile cpu_converged: 2 runs, still recording, commit 0123456789 (uncommitted changes), "
+                    "torch 2.14, cpu (Some CPU, 1 thread(s) x 2 processes), 2 min of compute")
+    record.update(complete=True, provenance={**prov, "git_dirty": False, "world_size": 1})
+    assert "still recording" not in results.header(record) and "uncommitted" not in results.header(record)
