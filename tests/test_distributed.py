@@ -252,3 +252,28 @@ def test_sync_batchnorm_is_a_drop_in_for_torchs():
     torch.testing.assert_close(converted[1].running_mean, torch.full((5,), 0.5))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         SyncBatchNorm(5)(torch.randn(1, 5, 1, 1))
+
+
+def test_sync_bytes_per_step_counts_what_is_all_reduced(tmp_path, monkeypatch):
+    """The chapter's computed cost, (4C + 2) float32 values per BN layer per step, against the all-reduces
+    SyncBatchNorm really issues in a training step (a one-process gloo group, calls counted)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from normlab.experiments.gn_batch_size_sync import sync_bytes_per_step
+    from normlab.models.resnet import CIFARResNet
+    from normlab.norms import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sent = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (sent.append(t.numel() * t.element_size()),
+                                                                     real(t, *a, **k))[1])
+        model = SyncBatchNorm.convert_sync_batchnorm(CIFARResNet(8, width=4, norm_layer=nn.BatchNorm2d))
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+        layers = sum(isinstance(m, SyncBatchNorm) for m in model.modules())
+        assert len(sent) == 4 * layers  # two all-reduces forward, two backward, per layer
+        assert sum(sent) == sync_bytes_per_step(model)
+    finally:
+        dist.destroy_process_group()
