@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"             # "fp32" | "bf16" (autocast)
     memory_format: str = "contiguous"   # "contiguous" | "channels_last" (4-D inputs)
-    compile: bool = False               # torch.compile the model
+    compile: bool | str = False         # torch.compile the model (True: inductor; or a backend name)
     checkpoint_every_s: float = 300.0   # and at the end of every history row
 
     def validate(self) -> None:
@@ -218,7 +218,10 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes "
                              "(torchrun --nproc-per-node); choose a multiple")
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = self.model
+        if config.compile:
+            backend = "inductor" if config.compile is True else config.compile
+            self.forward = torch.compile(self.model, backend=backend)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 

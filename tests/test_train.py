@@ -269,3 +269,13 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     torch.save({"anything": 1}, ckpt)
     with pytest.raises(ValueError, match="not a normlab trainer checkpoint"):
         Trainer(_resnet(), _task(), cfg, checkpoint=ckpt).fit()
+
+
+def test_compiled_training_matches_eager():
+    """`compile` (here the quick `aot_eager` backend) trains the same network to the same numbers."""
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=2)
+    eager = Trainer(_resnet(3), _task(), cfg).fit()
+    compiled = Trainer(_resnet(3), _task(), TrainConfig(**{**cfg.__dict__, "compile": "aot_eager"})).fit()
+    for a, b in zip(eager, compiled):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)

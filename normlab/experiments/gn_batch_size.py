@@ -161,7 +161,8 @@ def norm_layer(norm: str, config: dict[str, Any]):
 
 def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     """SGD at lr = base_lr * N/32 for a batch of k*N; precision and memory format from the config
-    ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default)."""
+    ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default), and
+    `compile` (a `torch.compile` backend, e.g. for GPUs, where small batches are launch-bound)."""
     k, n = config["workers"], run["batch_size"]
     # the "bn" of this experiment is per-worker BN ("gbn") unless each process is one worker
     key = {"bn": "gbn" if local_workers(config) > 1 else "bn", "sbn": "bn"}.get(run["norm"], run["norm"])
@@ -169,7 +170,8 @@ def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
         epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32, momentum=config["momentum"],
         weight_decay=config["weight_decay"], schedule=config["schedule"], warmup=config["warmup_epochs"],
         eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],
-        precision=config.get("precision", "fp32"), memory_format=config.get("memory_format", "contiguous")))
+        precision=config.get("precision", "fp32"), memory_format=config.get("memory_format", "contiguous"),
+        compile=config.get("compile", False)))
 
 
 def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool = False,
