@@ -29,10 +29,11 @@ WORKER = textwrap.dedent('''
     device = init_distributed("cpu")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def finish():  # leave together: a process that tears gloo down while a peer still talks to it aborts
-        torch.distributed.barrier()
+    def finish():  # leave together, then skip the interpreter's teardown, in which gloo's threads can
+        torch.distributed.barrier()  # abort the process ("terminate called without an active exception")
         torch.distributed.destroy_process_group()
-        sys.exit(0)
+        sys.stdout.flush()
+        os._exit(0)
 
     def data():
         g = torch.Generator().manual_seed(0)

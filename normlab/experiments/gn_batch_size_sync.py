@@ -120,3 +120,5 @@ def _cost_worker(cost: dict[str, Any], out: str) -> None:
 
 if __name__ == "__main__":
     _cost_worker(json.loads(sys.argv[1]), sys.argv[2])
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's teardown, in which gloo's threads can abort the process
