@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="intra-op CPU threads per process (default: torch's, or the cores divided by K)")
     show = sub.add_parser("show", help="print a recorded result")
     show.add_argument("experiment")
-    show.add_argument("--profile", default=None, help="default: the profile the book shows (the first complete of full, cpu_converged, cpu_long, cpu)")
+    show.add_argument("--profile", default=None,
+                      help="default: the profile the book shows (the first complete of full, cpu_converged, "
+                           "cpu_long, cpu)")
     args = parser.parse_args(argv)
 
     try:
@@ -71,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             device = init_distributed(args.device)  # under torchrun: join the job (one device per process)
             rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            log = None if args.quiet or not rank0 else print
             record = sweep.sweep(args.experiment, args.profile, out=args.out, device=device,
-                                 progress=not args.no_progress and rank0, log=None if args.quiet or not rank0 else print)
+                                 progress=not args.no_progress and rank0, log=log)
             if not args.quiet and rank0:
                 print(_show(record))
             if torch.distributed.is_initialized():

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_json(path, migrated)
     verb = "needs migrating" if args.check else "migrated"
     for path in stale:
-        print(f"{verb}: {path.relative_to(results_dir().parent) if path.is_relative_to(results_dir().parent) else path}")
+        shown = path.relative_to(results_dir().parent) if path.is_relative_to(results_dir().parent) else path
+        print(f"{verb}: {shown}")
     return 1 if args.check and stale else 0
 
 

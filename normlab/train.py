@@ -97,7 +97,8 @@ class TrainConfig:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError(f"give exactly one budget, epochs or steps (got epochs={self.epochs}, steps={self.steps})")
         if (self.epochs or self.steps) < 1 or self.batch_size < 1:
-            raise ValueError(f"the budget and batch_size must be >= 1 (got {self.epochs or self.steps}, {self.batch_size})")
+            raise ValueError(f"the budget and batch_size must be >= 1 "
+                             f"(got {self.epochs or self.steps}, {self.batch_size})")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
         for name, value, allowed in (("schedule", self.schedule, SCHEDULES), ("optimizer", self.optimizer, OPTIMIZERS),
@@ -198,7 +199,8 @@ class Trainer:
                  checkpoint: str | Path | None = None, device: str | torch.device | None = None):
         config.validate()
         if not hasattr(task, "batch") or not hasattr(task, "evaluate"):
-            raise TypeError(f"task must be a normlab.tasks task (ImageClassification, CharLM), got {type(task).__name__}")
+            raise TypeError("task must be a normlab.tasks task (ImageClassification, CharLM), "
+                            f"got {type(task).__name__}")
         if config.steps is None and task.num_train is None:
             raise ValueError(f"{type(task).__name__} is sampled in steps: give TrainConfig(steps=..., epochs=None)")
         if task.num_train is not None and task.num_train < config.batch_size:
@@ -254,7 +256,8 @@ class Trainer:
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                  weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps, weight_decay=c.weight_decay)
         for g in opt.param_groups:  # schedules scale each group's own base lr
@@ -283,7 +286,8 @@ class Trainer:
         shard = slice(self.rank * per, (self.rank + 1) * per)
         if self.task.num_train is None:
             return self.task.batch(self.config.batch_size, self.generator, shard)
-        if self._perm is None or self._pos + self.config.batch_size > self.task.num_train - self.task.num_train % self.config.batch_size:
+        whole = self.task.num_train - self.task.num_train % self.config.batch_size  # whole batches only
+        if self._perm is None or self._pos + self.config.batch_size > whole:
             self._perm, self._pos = torch.randperm(self.task.num_train, generator=self.generator).to(self.device), 0
         idx = self._perm[self._pos: self._pos + self.config.batch_size]
         self._pos += self.config.batch_size
@@ -385,8 +389,9 @@ class Trainer:
             raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
                              "delete it to start the run afresh") from e
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path} is not a normlab trainer checkpoint (format "
-                             f"{state.get('format') if isinstance(state, dict) else None!r}); delete it to start afresh")
+            found = state.get("format") if isinstance(state, dict) else None
+            raise ValueError(f"checkpoint {path} is not a normlab trainer checkpoint (format {found!r}); "
+                             "delete it to start afresh")
         mine, theirs = self._fingerprint(), state["fingerprint"]
         for key in mine:
             if mine[key] != theirs.get(key):
