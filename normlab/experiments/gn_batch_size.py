@@ -125,6 +125,13 @@ def local_workers(config: dict[str, Any]) -> int:
     return config["workers"] // world
 
 
+def layer_name(norm: str, config: dict[str, Any]) -> str:
+    """The canonical name of the layer `norm_layer` builds (what `normlab.train.FASTEST` is keyed by):
+    this experiment's "bn" is per-worker BN ("gbn") unless each process is one worker, and "sbn" on one
+    device is BN over the whole batch."""
+    return {"bn": "gbn" if local_workers(config) > 1 else "bn", "sbn": "bn"}.get(norm, norm)
+
+
 def norm_layer(norm: str, config: dict[str, Any]):
     """`norm_layer(channels)` for the ResNet: per-worker BN over `workers` chunks, GroupNorm, or per-worker
     Batch Renorm ("brn", needs `brn_r_max`, `brn_d_max`, `brn_hold`, `brn_ramp` in the config)."""
@@ -164,9 +171,7 @@ def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default), and
     `compile` (a `torch.compile` backend, e.g. for GPUs, where small batches are launch-bound)."""
     k, n = config["workers"], run["batch_size"]
-    # the "bn" of this experiment is per-worker BN ("gbn") unless each process is one worker
-    key = {"bn": "gbn" if local_workers(config) > 1 else "bn", "sbn": "bn"}.get(run["norm"], run["norm"])
-    return fastest(key, TrainConfig(
+    return fastest(layer_name(run["norm"], config), TrainConfig(
         epochs=config["epochs"], batch_size=k * n, lr=config["base_lr"] * n / 32, momentum=config["momentum"],
         weight_decay=config["weight_decay"], schedule=config["schedule"], warmup=config["warmup_epochs"],
         eval_every=config.get("eval_every", config["epochs"]), seed=run["seed"],

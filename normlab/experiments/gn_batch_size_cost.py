@@ -20,7 +20,7 @@ from ..models.resnet import CIFARResNet
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig, fastest
 from ..utils import seed_all
-from .gn_batch_size import norm_layer
+from .gn_batch_size import layer_name, norm_layer
 from .trainer_speed import _NORM_CONFIG
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -53,7 +53,7 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
                             norm_layer=norm_layer(run["norm"], {**_NORM_CONFIG, "workers": k}))
         tc = TrainConfig(epochs=1, batch_size=b, lr=0.1 * n / 32, seed=run["seed"], precision=run["precision"],
                          memory_format="auto" if run["precision"] == "auto" else "contiguous")
-        tc = fastest("gbn" if run["norm"] == "bn" else run["norm"], tc)
+        tc = fastest(layer_name(run["norm"], {**_NORM_CONFIG, "workers": k}), tc)
         trainer = Trainer(model, ImageClassification(images, labels, padding=4 * size // 32), tc, device=device)
         trainer.train_step().item()  # warm-up: allocator, kernels
         t0 = time.perf_counter()
