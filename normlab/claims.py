@@ -1,0 +1,399 @@
+"""The claims ledger: the book's verdict on each popular claim about normalization, with its evidence.
+
+`book/claims.yml` holds one entry per claim of the primers the book answers (IDs C01-C38):
+
+- `id`, `claim` (a short paraphrase), `verdict` (one of `VOCABULARY`), `evidence` (Markdown: the
+  chapter and the recorded result, or the primary source with its number);
+- optionally `source_says` (what the primary source reports, where the claim quotes one) and `note`;
+- `measured`, for claims the book measures: the numbers behind the verdict. They are never typed:
+  `MEASURES[id]()` computes them from the committed records in `results/`, together with the
+  verdict (through `normlab.stats.verdict`), and `python -m normlab.claims --update` writes both into
+  the ledger. `python -m normlab.claims --check` (and the tests) recompute every measured entry and
+  fail when the ledger says something its records do not.
+
+Verdicts that come from reading sources ("wrong per source", "no source found") are typed in the
+ledger, with the source; a measured entry's verdict is always the computed one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import results, stats
+from .utils import repo_root
+
+#: The ledger's verdicts. A measurement gives holds / partly / does not hold; the others come from sources.
+VOCABULARY = ("holds", "partly", "does not hold", "wrong per source", "no source found", "not testable here")
+#: Fields an entry may have, in the order the ledger is written.
+FIELDS = ("id", "claim", "verdict", "evidence", "source_says", "note", "measured")
+REQUIRED = ("id", "claim", "verdict", "evidence")
+
+
+def ledger_path() -> Path:
+    return repo_root() / "book" / "claims.yml"
+
+
+@dataclass
+class Measured:
+    """What `MEASURES[id]()` returns: the numbers (plain values or formatted intervals), the verdict, the records."""
+
+    values: dict[str, Any]
+    #: None where the verdict comes from a source and the numbers are context (the ledger's word stands).
+    verdict: str | None
+    records: list[str] = field(default_factory=list)
+
+    def as_yaml(self) -> dict[str, Any]:
+        return {"records": self.records, "values": self.values}
+
+
+MEASURES: dict[str, Callable[[], Measured]] = {}
+
+
+def measure(claim_id: str):
+    """Register the function that computes claim `claim_id`'s numbers and verdict from records."""
+    def register(fn: Callable[[], Measured]) -> Callable[[], Measured]:
+        if claim_id in MEASURES:
+            raise ValueError(f"{claim_id} is measured twice ({MEASURES[claim_id].__name__}, {fn.__name__})")
+        MEASURES[claim_id] = fn
+        return fn
+    return register
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def num(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant digits: what the ledger shows (and what the check compares)."""
+    if x is None or not math.isfinite(x):
+        raise ValueError(f"a measured value must be a finite number, got {x!r}: check the record")
+    return float(f"{x:.{digits}g}")
+
+
+def interval(iv: stats.Interval, digits: int = 3) -> str:
+    """A `stats.Interval` as the ledger writes it: `estimate [low, high] (n, method)`."""
+    n = f"{iv.n[0]}+{iv.n[1]}" if isinstance(iv.n, tuple) else str(iv.n)
+    return (f"{iv.estimate:+.{digits}g} [{iv.low:+.{digits}g}, {iv.high:+.{digits}g}] "
+            f"(n={n}, {iv.confidence:.0%} {iv.method})")
+
+
+def record_path(experiment: str, profile: str | None = None) -> tuple[dict[str, Any], str]:
+    """The record the book shows for `experiment` (or `profile`), and its path relative to the checkout."""
+    record = results.load(experiment, profile)
+    return record, f"results/{experiment}/{record['profile']}.json"
+
+
+def combine(verdicts: list[str]) -> str:
+    """One ledger verdict from the verdicts of a claim's parts: all hold, none holds, or partly."""
+    if all(v == stats.HOLDS for v in verdicts):
+        return "holds"
+    if not any(v == stats.HOLDS for v in verdicts):
+        return "does not hold"
+    return "partly"
+
+
+def _by_seed(record: dict[str, Any], metric: str, **where: Any) -> dict[int, float]:
+    return {r["seed"]: r["metrics"][metric] for r in results.runs_where(record, **where)
+            if r["metrics"].get(metric) is not None}
+
+
+# --- the measurements ------------------------------------------------------------------------------------
+
+
+def _signal(record: dict[str, Any], norm: str, key: str, fn: Callable[[list[float]], float]) -> list[float]:
+    return [fn(r["metrics"][key]) for r in results.runs_where(record, norm=norm)]
+
+
+@measure("C06")
+def bn_gradients() -> Measured:
+    """Gradient at the first block over the last, deep plain MLP at init: BN explodes it, LN does not."""
+    record, path = record_path("signal_propagation")
+    depth = len(record["runs"][0]["metrics"]["grad_norm"])
+    ratio = lambda g: g[0] / g[-1]
+    bn = _signal(record, "batchnorm", "grad_norm", ratio)
+    ln = _signal(record, "layernorm", "grad_norm", ratio)
+    values = {"depth": depth, "bn_first_over_last_min": num(min(bn)), "bn_first_over_last_max": num(max(bn)),
+              "ln_first_over_last_min": num(min(ln)), "ln_first_over_last_max": num(max(ln))}
+    # "prevents vanishing/exploding gradients": the gradient stays within 10x across the depth, every init.
+    ok = lambda xs: all(0.1 < x < 10 for x in xs)
+    return Measured(values, "holds" if ok(bn) else "does not hold", [path])
+
+
+@measure("C07")
+def gradient_decay() -> Measured:
+    """Without a norm, weight-gradient norm 20 blocks below the output over the output block, per init."""
+    record, path = record_path("signal_propagation")
+    values, decays = {}, []
+    for init in dict.fromkeys(r["config"]["init"] for r in record["runs"]):
+        xs = [r["metrics"]["grad_norm"] for r in results.runs_where(record, norm="none", init=init)]
+        ratios = [g[-20] / g[-1] for g in xs if g[-20] is not None and g[-1]]
+        values[f"{init}_block20_over_output"] = num(statistics.median(ratios))
+        decays.append(statistics.median(ratios) < 1e-2)  # "1e-4 at layer 20": at least a 100x decay
+    return Measured(values, combine([stats.HOLDS if d else stats.DOES_NOT_HOLD for d in decays]), [path])
+
+
+@measure("C08")
+def init_sensitivity() -> Measured:
+    """Spread over inits (orders of magnitude) of the last block's activation scale, with and without a norm."""
+    record, path = record_path("signal_propagation")
+
+    def spread(norm: str) -> float:
+        last = [r["metrics"]["act_std"][-1] for r in results.runs_where(record, norm=norm)]
+        return math.log10(max(last) / min(last))
+
+    values = {f"{n}_orders_across_inits": num(spread(n), 3) for n in ("none", "batchnorm", "layernorm")}
+    # At initialization only: the claim is about training, which this record does not measure.
+    held = spread("batchnorm") < 0.1 and spread("layernorm") < 0.1 and spread("none") > 3
+    return Measured(values, "partly" if held else "does not hold", [path])
+
+
+def _gn_record() -> tuple[dict[str, Any], str]:
+    return record_path("gn_batch_size")
+
+
+@measure("C09")
+def bn_small_batches() -> Measured:
+    """BN's test error at N images per worker minus at N=32, paired by seed; and whether BN still trains at N=2."""
+    record, path = _gn_record()
+    sizes = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
+    large = sizes[0]
+    ref = _by_seed(record, "test_error", norm="bn", batch_size=large)
+    values, worse = {}, []
+    for n in sizes[1:]:
+        iv = stats.paired_difference(_by_seed(record, "test_error", norm="bn", batch_size=n), ref)
+        values[f"bn_N{n}_minus_N{large}"] = interval(iv)
+        worse.append((n, stats.verdict(iv)))
+    gn_small = statistics.mean(_by_seed(record, "test_error", norm="gn", batch_size=sizes[-1]).values())
+    bn_small = statistics.mean(_by_seed(record, "test_error", norm="bn", batch_size=sizes[-1]).values())
+    values[f"bn_error_N{sizes[-1]}"] = num(bn_small, 3)
+    values[f"gn_error_N{sizes[-1]}"] = num(gn_small, 3)
+    # The claim has two parts: BN degrades at small N (measured: does the error grow?), and BN "fails"
+    # below 8 (it would have to stop training: an error near chance, 90%).
+    degrades = stats.HOLDS if any(v == stats.HOLDS for _, v in worse) else stats.DOES_NOT_HOLD
+    fails = stats.HOLDS if bn_small > 80 else stats.DOES_NOT_HOLD
+    return Measured(values, combine([degrades, fails]), [path])
+
+
+@measure("C12")
+def gn_matches_and_beats() -> Measured:
+    """GN minus BN at N=32 (matches: within 1 point) and at the smallest N (beats: GN lower), paired by seed."""
+    record, path = _gn_record()
+    sizes = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
+    large, small = sizes[0], sizes[-1]
+    diff = {n: stats.paired_difference(_by_seed(record, "test_error", norm="gn", batch_size=n),
+                                       _by_seed(record, "test_error", norm="bn", batch_size=n)) for n in (large, small)}
+    values = {f"gn_minus_bn_N{large}": interval(diff[large]), f"gn_minus_bn_N{small}": interval(diff[small])}
+    matches = stats.verdict(diff[large], direction="equivalent", margin=1.0)
+    beats = stats.verdict(diff[small], direction="less")
+    values["matches_at_N32_within_1_point"] = matches
+    values[f"beats_at_N{small}"] = beats
+    return Measured(values, combine([matches, beats]), [path])
+
+
+@measure("C14")
+def gn_groups() -> Measured:
+    """GN's test error by number of groups G (mean over seeds) and the best G, in the groups sweep."""
+    record, path = record_path("gn_batch_size_groups")
+    groups = sorted({r["config"]["gn_groups"] for r in record["runs"]})
+    mean = {g: statistics.mean(_by_seed(record, "test_error", norm="gn", gn_groups=g).values()) for g in groups}
+    values = {f"G{g}_error": num(mean[g], 3) for g in groups}
+    best = min(mean, key=mean.get)
+    values["best_G"] = best
+    values["channels_per_group_at_best"] = record["config"]["width"] // best
+    # 32 groups cannot be tested in a 16-channel net: the verdict is the paper's, these numbers are context.
+    return Measured(values, None, [path])
+
+
+@measure("C20")
+def bn_folding() -> Measured:
+    """BN layers left after `fold_batchnorm` and the largest relative error of the folded model, every model."""
+    record, path = record_path("bn_fold_speed")
+    runs = record["runs"]
+    left = sum(r["metrics"]["bn_after_fold"] for r in runs)
+    err = max(r["metrics"]["max_rel_err_fold"] for r in runs)
+    values = {"models": sorted({r["config"]["model"] for r in runs}),
+              "bn_layers_before": sum(r["metrics"]["bn_before"] for r in runs), "bn_layers_left": left,
+              "max_rel_err_folded": num(err, 2)}
+    return Measured(values, "holds" if left == 0 and err < 1e-5 else "does not hold", [path])
+
+
+@measure("C22")
+def norm_parameters() -> Measured:
+    """Trainable parameters and buffers of torch.nn's norm layers for C = 512 (counted, not recorded)."""
+    import torch.nn as nn
+
+    c = 512
+    layers = {"bn": nn.BatchNorm2d(c), "ln": nn.LayerNorm(c), "rms": nn.RMSNorm(c), "gn": nn.GroupNorm(32, c)}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in layers.items()}
+    buffers = {k: sum(b.numel() for b in m.buffers()) for k, m in layers.items()}
+    values = {"channels": c, **{f"{k}_parameters": v for k, v in params.items()},
+              **{f"{k}_buffers": v for k, v in buffers.items()}}
+    parts = [stats.HOLDS if params["bn"] == 4 * c else stats.DOES_NOT_HOLD,
+             stats.HOLDS if params["ln"] == 2 * c else stats.DOES_NOT_HOLD,
+             stats.HOLDS if params["rms"] == c else stats.DOES_NOT_HOLD]
+    return Measured(values, combine(parts), [])
+
+
+@measure("C23")
+def rmsnorm_layer_speed() -> Measured:
+    """RMSNorm over LayerNorm time per layer (forward + backward), three implementations, every shape and thread count."""
+    record, path = record_path("norm_speed")
+    values = {}
+    for impl in ("native", "scratch", "compiled"):
+        xs = [r["metrics"][f"ratio_rms_ln_{impl}"] for r in record["runs"]]
+        values[f"rms_over_ln_{impl}_min"] = num(min(xs), 3)
+        values[f"rms_over_ln_{impl}_max"] = num(max(xs), 3)
+    # The paper's claim (7-64% less time) is for whole models; per layer, "faster" holds for the unfused
+    # pair, not for torch's native ops on this CPU (fused LayerNorm vs unfused RMSNorm).
+    faster = [stats.HOLDS if max(r["metrics"][f"ratio_rms_ln_{impl}"] for r in record["runs"]) < 1
+              else stats.DOES_NOT_HOLD for impl in ("native", "scratch", "compiled")]
+    return Measured(values, combine(faster), [path])
+
+
+@measure("C36")
+def sync_bn() -> Measured:
+    """SyncBN minus per-worker BN and minus GN at N=2 per worker (paired by seed), and SyncBN's step-time cost."""
+    record, path = record_path("gn_batch_size_sync")
+    acc = [r for r in record["runs"] if r["config"].get("study") == "accuracy"]
+    sub = {"runs": acc}
+    by = {n: _by_seed(sub, "test_error", norm=n) for n in ("bn", "sbn", "gn")}
+    n_small = acc[0]["config"]["batch_size"]
+    vs_bn = stats.paired_difference(by["sbn"], by["bn"])
+    vs_gn = stats.paired_difference(by["sbn"], by["gn"])
+    cost = next(r for r in record["runs"] if r["config"].get("study") == "cost")["metrics"]
+    values = {f"sbn_minus_bn_N{n_small}": interval(vs_bn), f"sbn_minus_gn_N{n_small}": interval(vs_gn),
+              "sbn_step_time_over_bn": num(cost["sbn_over_bn"], 3), "bytes_per_step": cost["sync_bytes_per_step"],
+              "processes": cost["world_size"]}
+    # "Needs SyncBN" holds where per-worker batches are small (SyncBN lowers the error), at a cost.
+    return Measured(values, "partly" if stats.verdict(vs_bn, direction="less") == stats.HOLDS else "does not hold",
+                    [path])
+
+
+# --- the ledger ------------------------------------------------------------------------------------------
+
+
+def claim_ids(path: Path | None = None) -> list[str]:
+    """The IDs of the claims the book answers: from `../shared/CLAIMS.md` when present, else C01-C38."""
+    path = path or repo_root().parent / "shared" / "CLAIMS.md"
+    if path.exists():
+        ids = re.findall(r"^\|\s*(C\d\d)\s*\|", path.read_text(), flags=re.M)
+        if ids:
+            return ids
+    return [f"C{i:02d}" for i in range(1, 39)]
+
+
+def load_ledger(path: Path | None = None) -> list[dict[str, Any]]:
+    """The ledger's entries, checked: known fields, required fields non-empty, verdicts in `VOCABULARY`."""
+    import yaml
+
+    path = path or ledger_path()
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({e}); fix the line it names") from e
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} must be a list of entries (- id: C01 ...), got {type(entries).__name__}")
+    seen = set()
+    for i, e in enumerate(entries):
+        where = f"{path.name} entry {i + 1} ({e.get('id', 'no id') if isinstance(e, dict) else e!r})"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: each entry is a mapping with {', '.join(REQUIRED)}")
+        unknown = set(e) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; the fields are {', '.join(FIELDS)}")
+        missing = [k for k in REQUIRED if not str(e.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"{where}: empty or missing {', '.join(missing)}")
+        if e["verdict"] not in VOCABULARY:
+            raise ValueError(f"{where}: verdict {e['verdict']!r} is not one of: {', '.join(VOCABULARY)}")
+        if e["id"] in seen:
+            raise ValueError(f"{where}: {e['id']} appears twice")
+        seen.add(e["id"])
+    return entries
+
+
+def stale(entries: list[dict[str, Any]]) -> list[str]:
+    """What the ledger says that its records do not: one line per problem (empty when up to date)."""
+    problems = []
+    for e in entries:
+        fn = MEASURES.get(e["id"])
+        if fn is None:
+            if e.get("measured"):
+                problems.append(f"{e['id']}: has measured values but no function in normlab.claims.MEASURES")
+            continue
+        m = fn()
+        if e.get("measured") != m.as_yaml():
+            problems.append(f"{e['id']}: measured is {e.get('measured')!r}, the records give {m.as_yaml()!r}")
+        if m.verdict is not None and e["verdict"] != m.verdict:
+            problems.append(f"{e['id']}: verdict is {e['verdict']!r}, the records give {m.verdict!r}")
+    return problems
+
+
+def _dump(entries: list[dict[str, Any]]) -> str:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, s):
+        style = "|" if "\n" in s else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+    Dumper.add_representer(str, text)
+    ordered = [{k: e[k] for k in FIELDS if k in e and e[k] is not None} for e in entries]
+    header = ("# The book's verdict on each popular claim (../shared/CLAIMS.md). Edit claim, evidence, source_says\n"
+              "# and note by hand; `measured` and the verdict of a measured claim are written by\n"
+              "# `python -m normlab.claims --update` from the records in results/ (never typed).\n")
+    return header + yaml.dump(ordered, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=110)
+
+
+def update(path: Path | None = None) -> list[str]:
+    """Recompute every measured entry and rewrite the ledger; returns the IDs that changed."""
+    path = path or ledger_path()
+    entries = load_ledger(path)
+    changed = []
+    for e in entries:
+        if e["id"] in MEASURES:
+            m = MEASURES[e["id"]]()
+            if e.get("measured") != m.as_yaml() or m.verdict not in (None, e["verdict"]):
+                changed.append(e["id"])
+            e["measured"] = m.as_yaml()
+            e["verdict"] = m.verdict or e["verdict"]
+    path.write_text(_dump(entries))
+    return changed
+
+
+def table(entries: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """`(id, claim, verdict)` rows, in ledger order: what the chapter tabulates."""
+    return [(e["id"], e["claim"], e["verdict"]) for e in entries]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m normlab.claims", description=__doc__.split("\n")[0])
+    parser.add_argument("--update", action="store_true", help="rewrite measured values and verdicts from the records")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the ledger disagrees with its records")
+    args = parser.parse_args(argv)
+    if args.update:
+        changed = update()
+        print(f"updated {len(changed)} entr{'y' if len(changed) == 1 else 'ies'}: {', '.join(changed) or '-'}")
+        return 0
+    entries = load_ledger()
+    if args.check:
+        problems = stale(entries)
+        missing = sorted(set(claim_ids()) - {e["id"] for e in entries})
+        problems += [f"{m}: no entry in the ledger" for m in missing]
+        print("\n".join(problems) or f"{len(entries)} entries agree with their records")
+        return 1 if problems else 0
+    for cid, claim, word in table(entries):
+        print(f"{cid}  {word:<18} {claim}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The claims ledger: every claim answered, verdicts from the vocabulary, measured numbers equal to the records."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normlab import claims, stats
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return claims.load_ledger()
+
+
+def test_every_claim_has_an_entry_with_a_verdict_and_evidence(entries):
+    ids = [e["id"] for e in entries]
+    assert ids == sorted(ids), "the ledger lists the claims in order"
+    assert set(ids) == set(claims.claim_ids()), sorted(set(claims.claim_ids()) ^ set(ids))
+    assert len(claims.claim_ids()) == 38
+    for e in entries:
+        assert e["verdict"] in claims.VOCABULARY, e
+        assert len(e["evidence"].split()) >= 8, f"{e['id']}: evidence is a sentence or more, with its source"
+
+
+def test_claim_ids_are_read_from_the_shared_list(tmp_path):
+    text = "| id | claim |\n|---|---|\n| C01 | a |\n| C02 | b |\n"
+    (tmp_path / "CLAIMS.md").write_text(text)
+    assert claims.claim_ids(tmp_path / "CLAIMS.md") == ["C01", "C02"]
+
+
+def test_measured_values_and_verdicts_equal_what_the_records_give(entries):
+    assert claims.stale(entries) == []
+    for e in entries:
+        if e["id"] in claims.MEASURES:
+            assert e.get("measured"), f"{e['id']} is measured: run python -m normlab.claims --update"
+
+
+def test_a_typed_number_or_verdict_is_caught(entries):
+    changed = copy.deepcopy(entries)
+    c06 = next(e for e in changed if e["id"] == "C06")
+    key = next(iter(c06["measured"]["values"]))
+    c06["measured"]["values"][key] = 1.0
+    c06["verdict"] = "holds"
+    problems = claims.stale(changed)
+    assert any("C06: measured" in p for p in problems) and any("C06: verdict" in p for p in problems), problems
+    stray = copy.deepcopy(entries)
+    next(e for e in stray if e["id"] == "C01")["measured"] = {"values": {"x": 1}}
+    assert any("C01: has measured values but no function" in p for p in claims.stale(stray))
+
+
+def test_measured_verdicts_use_the_book_verdict_function():
+    # combine(): every part holds -> holds; none holds -> does not hold; a mix -> partly.
+    assert claims.combine([stats.HOLDS, stats.HOLDS]) == "holds"
+    assert claims.combine([stats.WITHIN_NOISE, stats.DOES_NOT_HOLD]) == "does not hold"
+    assert claims.combine([stats.HOLDS, stats.WITHIN_NOISE]) == "partly"
+    iv = stats.Interval(-6.0, -9.0, -3.0, 3, "t", 0.95)
+    assert claims.interval(iv) == "-6 [-9, -3] (n=3, 95% t)"
+
+
+def test_parameter_counts_are_torch_nn_s():
+    m = claims.MEASURES["C22"]().values
+    c = m["channels"]
+    assert (m["bn_parameters"], m["bn_buffers"]) == (2 * c, 2 * c + 1)
+    assert (m["ln_parameters"], m["rms_parameters"], m["gn_parameters"]) == (2 * c, c, 2 * c)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "claims.yml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- id: C01\n  claim: x\n  verdict: true-ish\n  evidence: because\n", "is not one of"),
+    ("- id: C01\n  claim: x\n  verdict: holds\n", "empty or missing evidence"),
+    ("- id: C01\n  claim: x\n  verdict: holds\n  evidence: e\n  verdikt: holds\n", "unknown field"),
+    ("- id: C01\n  claim: x\n  verdict: holds\n  evidence: e\n- id: C01\n  claim: y\n  verdict: holds\n  evidence: e\n",
+     "appears twice"),
+    ("id: C01\n", "must be a list"),
+    ("- id: C01\n  claim: a: b: c\n", "not valid YAML"),
+])
+def test_bad_ledgers_are_refused_with_the_fix(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        claims.load_ledger(_write(tmp_path, text))
+
+
+def test_update_rewrites_only_measured_fields(tmp_path, entries):
+    p = tmp_path / "claims.yml"
+    stripped = copy.deepcopy(entries)
+    for e in stripped:
+        e.pop("measured", None)
+    p.write_text(yaml.safe_dump(stripped, sort_keys=False))
+    changed = claims.update(p)
+    assert set(changed) <= set(claims.MEASURES) and "C06" in changed
+    assert claims.load_ledger(p) == entries, "update + the hand-written fields give back the committed ledger"
+
+
+def test_the_table_renders_every_entry(entries):
+    import sys
+    sys.path.insert(0, str(claims.ledger_path().parent / "_ext"))
+    from normlab_claims import ledger_markdown
+
+    lines = ledger_markdown(entries)
+    assert sum(line.startswith("* - C") for line in lines) == len(entries)
+    assert any("*Measured* (`results/signal_propagation/cpu.json`)" in line for line in lines)
