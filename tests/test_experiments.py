@@ -11,7 +11,7 @@ from normlab import results
 from normlab.experiments import available, get_experiment
 
 #: Benchmarks: their metrics are timings, which differ from one run to the next.
-TIMINGS = {"bn_fold_speed", "norm_speed", "trainer_speed", "gn_batch_size_cost"}
+TIMINGS = {"bn_fold_speed", "norm_speed", "trainer_speed", "gn_batch_size_cost", "inference_overhead", "llama_step"}
 
 
 def _untimed(result):

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import bench
 from ..utils import seed_all
+from ._timing import num_threads
 
 IMPLS = ("scratch", "native", "compiled")
 NORMS = ("ln", "rms")
@@ -87,16 +88,8 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[
 def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | str = "cpu",
             progress: bool = False) -> dict[str, Any]:
     """Time every (implementation, norm) of one shape; metrics in milliseconds, plus RMS/LN ratios."""
-    threads = run.get("threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None (leave torch's setting), got {threads!r}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(run.get("threads")):
         return _time_shape(run, config, torch.device(device))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _time_shape(run: dict[str, Any], config: dict[str, Any], device: torch.device) -> dict[str, Any]:
