@@ -1,0 +1,111 @@
+"""The claim-measuring experiments: norm_footprint (C15, C22, C26, C38), norm_numerics (C26), norm_identities
+(C10, C13, C20). Each test states a fact the ledger relies on and would fail if the measurement broke."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.experiments import norm_footprint as fp
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def record(module, config, runs=None):
+    """A record as `normlab.results.load` returns it, from `run_one` of `runs` (default: all)."""
+    runs = module.runs(config) if runs is None else runs
+    return {"runs": [{"config": r, "seed": r["seed"], **module.run_one(r, config, "cpu")} for r in runs]}
+
+
+# ------------------------------------------------------------------------------------------------
+# norm_footprint
+# ------------------------------------------------------------------------------------------------
+
+def test_footprint_param_and_buffer_counts_are_the_formulas():
+    c = 512
+    config = {**fp.PROFILES["smoke"], "channels": c, "ln_chw": [4, 2]}
+    rec = record(fp, config, [{"part": "layers", "channels": c, "seed": 0}])
+    for impl in fp.IMPLS:
+        t = fp.param_counts(rec, impl)
+        # BN: γ, β trainable (2C); running mean and variance (2C floats) + num_batches_tracked (1 int64)
+        assert (t["bn"]["params"], t["bn"]["buffers"], t["bn"]["float_buffers"]) == (2 * c, 2 * c + 1, 2 * c)
+        assert t["bn"]["buffer_bytes"] == 2 * c * 4 + 8
+        for name in ("gn", "ln_cnn", "ln", "in_affine"):
+            assert (t[name]["params"], t[name]["buffers"]) == (2 * c, 0), name
+        assert t["ln_chw"]["params"] == 2 * c * 4 * 2  # elementwise affine over (C, H, W)
+        assert (t["in"]["params"], t["in"]["buffers"]) == (0, 0)  # torch's defaults: no affine, no stats
+        assert (t["in_stats"]["params"], t["in_stats"]["buffers"]) == (2 * c, 2 * c + 1)
+        assert (t["rms"]["params"], t["rms"]["buffers"]) == (c, 0)
+        assert (t["none"]["params"], t["none"]["buffers"]) == (0, 0)
+    assert fp.param_counts(rec, "normlab") == fp.param_counts(rec, "torch")
+
+
+def test_saved_tensors_counts_a_linear_layers_input_once_and_not_its_weight():
+    lin = nn.Linear(10, 5)
+    x = torch.randn(7, 10)
+    s = fp.saved_bytes(lin, x)
+    assert s["saved_bytes"] == 7 * 10 * 4  # the input, for the weight's gradient
+    assert s["saved_param_bytes"] == 0  # the input needs no gradient, so the weight is not kept
+    assert s["norm_bytes"] == 0
+    s = fp.saved_bytes(lin, x.requires_grad_())
+    assert s["saved_bytes"] == 7 * 10 * 4
+    assert s["saved_param_bytes"] == 10 * 5 * 4  # now it is (as a transposed view), and counted apart
+
+
+def test_saved_tensors_count_each_storage_once_with_its_full_size():
+    x = torch.randn(6, 8, requires_grad=True)
+    with fp.SavedTensors() as c:
+        y = x.exp()  # saves its result y
+        z = y * y  # saves y twice: the same storage
+        w = x[:, :2].sin()  # saves a view of x: x's whole storage is held
+    assert c.n_saved == 4 and len(c.storages) == 2
+    assert c.summary()["saved_bytes"] == 2 * 6 * 8 * 4
+    del z, w
+
+
+def test_saved_tensors_attribute_what_a_norm_saves():
+    model = nn.Sequential(nn.Linear(10, 5), nn.BatchNorm1d(5))
+    s = fp.saved_bytes(model, torch.randn(7, 10))
+    # torch's batch_norm keeps its input (7 x 5) and the batch mean and inverse std (5 each);
+    # the running buffers it also saves are buffers, counted apart
+    assert s["norm_only_bytes"] == s["norm_bytes"] == (7 * 5 + 5 + 5) * 4
+    assert s["saved_bytes"] == 7 * 10 * 4 + s["norm_bytes"]
+
+
+def test_footprint_smoke_models_norm_bytes_are_what_the_norm_adds():
+    config = fp.PROFILES["smoke"]
+    rec = record(fp, config, [r for r in fp.runs(config) if r["part"] != "layers"])
+    for part, norms in (("resnet20", ("bn", "gn", "ln", "in")), ("transformer", ("ln", "rms"))):
+        none = fp.saved(rec, part, "none")
+        assert none["norm_bytes"] == 0 and none["saved_bytes"] > 0
+        for norm in norms:
+            for impl in fp.IMPLS:
+                m = fp.saved(rec, part, norm, impl)
+                assert m["norm_layers"] > 0 and m["norm_only_bytes"] > 0, (part, norm, impl)
+                if part == "resnet20":  # a norm's output replaces the conv output the ReLU saved
+                    assert m["saved_bytes"] == none["saved_bytes"] + m["norm_only_bytes"], (norm, impl)
+            assert fp.saved(rec, part, norm, "normlab")["saved_bytes"] >= fp.saved(rec, part, norm, "torch")["saved_bytes"]
+    # torch's fused kernels keep the input plus per-group statistics: BN and GN cost about the same
+    assert fp.memory_ratio(rec, "resnet20", "gn", "bn") == pytest.approx(1.0, abs=0.02)
+    assert 0 < fp.norm_share(rec, "resnet20", "bn") < 1
+
+
+def test_footprint_bad_names_say_what_to_use():
+    config = fp.PROFILES["smoke"]
+    with pytest.raises(ValueError, match="unknown part 'model'; choose one of layers, resnet20, transformer"):
+        fp.run_one({"part": "model", "seed": 0}, config)
+    with pytest.raises(ValueError, match="unknown ResNet norm 'rms'; choose one of bn, gn, ln, in, none"):
+        fp.run_one({"part": "resnet20", "norm": "rms", "impl": "torch", "seed": 0}, config)
+    with pytest.raises(ValueError, match="unknown implementation 'timm'; choose one of normlab, torch"):
+        fp.run_one({"part": "transformer", "norm": "ln", "impl": "timm", "seed": 0}, config)
+    with pytest.raises(ValueError, match="no resnet20 run with norm='gn'"):
+        fp.saved({"runs": []}, "resnet20", "gn")
+    with pytest.raises(ValueError, match="no 'layers' run"):
+        fp.param_counts({"runs": []})
