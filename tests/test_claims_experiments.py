@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normlab.experiments import norm_footprint as fp
+from normlab.experiments import norm_numerics as num
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +110,62 @@ def test_footprint_bad_names_say_what_to_use():
         fp.saved({"runs": []}, "resnet20", "gn")
     with pytest.raises(ValueError, match="no 'layers' run"):
         fp.param_counts({"runs": []})
+
+
+# ------------------------------------------------------------------------------------------------
+# norm_numerics
+# ------------------------------------------------------------------------------------------------
+
+def test_lowp_mean_rounds_every_addition_in_the_low_dtype():
+    assert num.lowp_mean(torch.tensor([2048.0, 1.0], dtype=torch.float16)).item() == 1024.0  # 2049 -> 2048
+    x = torch.randn(3, 64, dtype=torch.float64)
+    assert torch.allclose(num.lowp_mean(x), x.mean(-1, keepdim=True), atol=1e-15)
+    with pytest.raises(ValueError, match="power-of-two last dim.*use hidden = 256"):
+        num.lowp_mean(torch.ones(2, 12))
+
+
+def test_numerics_float64_low_precision_variants_match_the_reference():
+    config = {"hidden": 256, "rows": 2, "offsets": [0, 1000], "dtypes": ["float64"], "seeds": [0]}
+    for run in num.runs(config):
+        m = num.run_one(run, config)["metrics"]
+        for impl in ("ln_twopass_lowp", "ln_twopass_fp32", "rms_lowp", "ln_native", "rms_native"):
+            assert m[f"{impl}_max_err"] < 1e-12, (run, impl)
+        assert m["input_noise"] == 0
+
+
+def test_numerics_fp16_offset_1000_onepass_breaks_twopass_does_not():
+    config = {"hidden": 1024, "rows": 4, "offsets": [0, 1000], "dtypes": ["float16"], "seeds": [0]}
+    rec = record(num, config)
+    at = num.error_table(rec, "float16")[1000]
+    floor = at["ln_rounded"]
+    assert at["ln_onepass_lowp"] is None or at["ln_onepass_lowp"] > 1  # cancellation (or inf - inf)
+    assert at["ln_onepass_fp32"] > 0.05  # E[x²] - E[x]² loses ~20 bits even in float32
+    assert at["ln_twopass_fp32"] <= 1.01 * floor  # fp32 statistics: the output's own rounding, no more
+    assert at["ln_native"] < 2 * floor  # torch's CPU kernel computes in float32: about one rounding
+    # all-float16 two-pass: only the mean's rounding error (float16's spacing at 1000 is 0.5), and
+    # still better than the one-pass form with float32 statistics
+    assert at["ln_twopass_lowp"] < min(0.25, at["ln_onepass_fp32"])
+    assert at["rms_lowp"] > 0.9  # x² = 1e6 overflows float16: rsqrt(inf) = 0, every output 0
+    assert num.error_table(rec, "float16", "stat_err")[1000]["rms_lowp"] is None
+    assert num.breakdown_offset(rec, "float16", "ln_onepass_fp32") == 1000
+    assert num.breakdown_offset(rec, "float16", "ln_twopass_fp32") is None
+
+
+def test_numerics_rmsnorm_signal_error_grows_with_the_offset():
+    # at mu >> sigma RMSNorm's output is ~1 plus a sigma/mu ripple: float16 rounding eats the ripple
+    config = {"hidden": 256, "rows": 2, "offsets": [0, 1000], "dtypes": ["float16"], "seeds": [0]}
+    rec = record(num, config)
+    small, large = (num.error_table(rec, "float16", "signal_err")[o]["rms_fp32"] for o in (0, 1000))
+    assert small < 0.01 and large > 0.1
+
+
+def test_numerics_bad_inputs_name_the_choices():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; choose one of float16, bfloat16"):
+        num.run_one({"dtype": "float8", "offset": 0, "seed": 0}, num.PROFILES["smoke"])
+    with pytest.raises(ValueError, match="unknown \\(norm, impl\\)"):
+        num.compute("rms", "twopass_lowp", torch.ones(1, 4))
+    rec = record(num, num.PROFILES["smoke"])
+    with pytest.raises(ValueError, match="no runs at dtype 'bfloat16'; recorded: \\['float16', 'float64'\\]"):
+        num.error_table(rec, "bfloat16")
+    with pytest.raises(ValueError, match="unknown implementation 'ln_welford'"):
+        num.breakdown_offset(rec, "float16", "ln_welford")
