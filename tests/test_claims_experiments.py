@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normlab.experiments import norm_footprint as fp
+from normlab.experiments import norm_identities as ident
 from normlab.experiments import norm_numerics as num
 
 
@@ -169,3 +170,44 @@ def test_numerics_bad_inputs_name_the_choices():
         num.error_table(rec, "bfloat16")
     with pytest.raises(ValueError, match="unknown implementation 'ln_welford'"):
         num.breakdown_offset(rec, "float16", "ln_welford")
+
+
+# ------------------------------------------------------------------------------------------------
+# norm_identities
+# ------------------------------------------------------------------------------------------------
+
+def test_identities_group_norm_special_cases_in_float64():
+    rec = record(ident, ident.PROFILES["smoke"], [{"claim": "C13", "seed": 0}])
+    for impl in ident.IMPLS:
+        g = ident.group_identities(rec, impl)
+        assert g["gn1_vs_ln"] < 1e-12 and g["gn1_vs_ln_affine"] < 1e-12 and g["gnC_vs_in"] < 1e-12, impl
+        assert g["bn_vs_gn_min"] > 0.1 and g["bn_vs_gn_G_equals_N"] > 0.1, impl  # no G is BatchNorm
+        c = ident.PROFILES["smoke"]["channels"]
+        assert (g["gn1_params"], g["ln_chw_params"]) == (2 * c, 2 * c * ident.PROFILES["smoke"]["size"] ** 2)
+
+
+def test_identities_batch_one_is_instance_norm_on_maps_and_refused_on_vectors():
+    rec = record(ident, ident.PROFILES["smoke"], [{"claim": "C10", "seed": 0}])
+    for impl in ident.IMPLS:
+        b = ident.batch_one(rec, impl)
+        assert b["conv_defined"] and b["conv_vs_in"] < 1e-12 and b["fc_eval_ok"] and b["resnet_b1_finite"]
+        assert "more than 1 value per channel" in b["fc_error"]
+        assert "more than 1 value per channel" in b["fc_1x1_error"]
+
+
+def test_identities_folding_keeps_the_logits():
+    rec = record(ident, ident.PROFILES["smoke"], [{"claim": "C20", "seed": 0}])
+    for impl in ident.IMPLS:
+        f = ident.fold_errors(rec, impl)
+        assert f["bn_layers"] == 7 and f["bn_layers_after_fold"] == 0  # ResNet-8: stem + 3 blocks x 2
+        assert f["float64_max_rel"] < 1e-12
+        assert f["float32_max_rel"] < 1e-5 and f["float32_folded_vs_f64"] < 1e-5
+
+
+def test_identities_bad_inputs_name_the_choices():
+    with pytest.raises(ValueError, match="unknown claim 'C99'; choose one of C13, C10, C20"):
+        ident.run_one({"claim": "C99", "seed": 0}, ident.PROFILES["smoke"])
+    with pytest.raises(ValueError, match="the record has no C20 runs"):
+        ident.fold_errors({"runs": []})
+    with pytest.raises(ValueError, match="unknown implementation 'jax'; choose one of normlab, torch"):
+        ident.group_identities({"runs": []}, "jax")
