@@ -218,7 +218,13 @@ def error_table(record: dict[str, Any], dtype: str, stat: str = "max_err") -> di
 
 def breakdown_offset(record: dict[str, Any], dtype: str, impl: str, tol: float = 0.01) -> float | None:
     """The smallest recorded offset at which `impl` (e.g. "ln_onepass_fp32") has a max error above
-    `tol` (or non-finite outputs); None if it stays within `tol` at every offset."""
+    `tol` (or non-finite outputs); None if it stays within `tol` at every offset.
+
+    `tol` must sit above the dtype's own output rounding (`{norm}_rounded` in `error_table`: about
+    1e-3 for float16, 1.5e-2 for bfloat16), else every implementation "breaks" at offset 0: use
+    e.g. 0.01 for float16 and float32, 0.1 for bfloat16. Offsets whose `input_noise` is near 1 or more (the
+    rounded input has lost the signal: float16 at 1e4, bfloat16 at 1e3 and up) test a degenerate input.
+    """
     for offset, row in error_table(record, dtype).items():
         if impl not in row:
             raise ValueError(f"unknown implementation {impl!r}; the table has {', '.join(k for k in row if k != 'input_noise')}")
