@@ -93,7 +93,8 @@ def test_footprint_smoke_models_norm_bytes_are_what_the_norm_adds():
                 assert m["norm_layers"] > 0 and m["norm_only_bytes"] > 0, (part, norm, impl)
                 if part == "resnet20":  # a norm's output replaces the conv output the ReLU saved
                     assert m["saved_bytes"] == none["saved_bytes"] + m["norm_only_bytes"], (norm, impl)
-            assert fp.saved(rec, part, norm, "normlab")["saved_bytes"] >= fp.saved(rec, part, norm, "torch")["saved_bytes"]
+            ours, torchs = (fp.saved(rec, part, norm, impl)["saved_bytes"] for impl in ("normlab", "torch"))
+            assert ours >= torchs, (part, norm)  # compositions keep their intermediates
     # torch's fused kernels keep the input plus per-group statistics: BN and GN cost about the same
     assert fp.memory_ratio(rec, "resnet20", "gn", "bn") == pytest.approx(1.0, abs=0.02)
     assert 0 < fp.norm_share(rec, "resnet20", "bn") < 1

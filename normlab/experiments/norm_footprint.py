@@ -290,8 +290,8 @@ def saved(record: dict[str, Any], part: str, norm: str, impl: str = "torch") -> 
         c = r["config"]
         if c["part"] == part and c["norm"] == norm and (c["impl"] == impl or norm == "none"):
             return r["metrics"]
-    raise ValueError(f"no {part} run with norm={norm!r}, impl={impl!r} in the record; "
-                     f"norms recorded: {sorted({r['config'].get('norm') for r in record['runs'] if r['config']['part'] == part})}")
+    recorded = sorted({r["config"].get("norm") for r in record["runs"] if r["config"]["part"] == part})
+    raise ValueError(f"no {part} run with norm={norm!r}, impl={impl!r} in the record; norms recorded: {recorded}")
 
 
 def memory_ratio(record: dict[str, Any], part: str, norm: str, baseline: str, impl: str = "torch",

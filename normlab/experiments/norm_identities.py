@@ -100,7 +100,8 @@ def check_groups(impl: str, x: torch.Tensor, gen: torch.Generator) -> dict[str, 
         ln.weight.copy_(gn1.weight[:, None, None].expand(c, h, w))
         ln.bias.copy_(gn1.bias[:, None, None].expand(c, h, w))
     m["gn1_vs_ln_affine"] = _diff(gn1(x), ln(x))
-    m["gn1_params"], m["ln_chw_params"] = sum(p.numel() for p in gn1.parameters()), sum(p.numel() for p in ln.parameters())
+    m["gn1_params"] = sum(p.numel() for p in gn1.parameters())
+    m["ln_chw_params"] = sum(p.numel() for p in ln.parameters())
     # G = C: μ_nc, σ²_nc over (H, W), InstanceNorm's statistics
     m["gnC_vs_in"] = _diff(out[c], lib.InstanceNorm2d(c, **f64)(x))
     # BatchNorm: μ_c, σ²_c over (N, H, W), across samples; no G gives that

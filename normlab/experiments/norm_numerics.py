@@ -207,7 +207,8 @@ def error_table(record: dict[str, Any], dtype: str, stat: str = "max_err") -> di
     _dtype(dtype)
     rows = [r for r in record["runs"] if r["config"]["dtype"] == dtype]
     if not rows:
-        raise ValueError(f"no runs at dtype {dtype!r}; recorded: {sorted({r['config']['dtype'] for r in record['runs']})}")
+        recorded = sorted({r["config"]["dtype"] for r in record["runs"]})
+        raise ValueError(f"no runs at dtype {dtype!r}; recorded: {recorded}")
     table = {}
     for r in sorted(rows, key=lambda r: r["config"]["offset"]):
         m = r["metrics"]
@@ -222,12 +223,14 @@ def breakdown_offset(record: dict[str, Any], dtype: str, impl: str, tol: float =
 
     `tol` must sit above the dtype's own output rounding (`{norm}_rounded` in `error_table`: about
     1e-3 for float16, 1.5e-2 for bfloat16), else every implementation "breaks" at offset 0: use
-    e.g. 0.01 for float16 and float32, 0.1 for bfloat16. Offsets whose `input_noise` is near 1 or more (the
-    rounded input has lost the signal: float16 at 1e4, bfloat16 at 1e3 and up) test a degenerate input.
+    e.g. 0.01 for float16 and float32, 0.1 for bfloat16. Offsets whose `input_noise` is near 1 or
+    more (the rounded input has lost the signal: float16 at 1e4, bfloat16 at 1e3 and up) test a
+    degenerate input.
     """
     for offset, row in error_table(record, dtype).items():
         if impl not in row:
-            raise ValueError(f"unknown implementation {impl!r}; the table has {', '.join(k for k in row if k != 'input_noise')}")
+            names = ", ".join(k for k in row if k != "input_noise")
+            raise ValueError(f"unknown implementation {impl!r}; the table has {names}")
         if row[impl] is None or row[impl] > tol:
             return offset
     return None
