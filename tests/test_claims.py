@@ -57,6 +57,8 @@ def test_measured_verdicts_use_the_book_verdict_function():
     assert claims.combine([stats.HOLDS, stats.HOLDS]) == "holds"
     assert claims.combine([stats.WITHIN_NOISE, stats.DOES_NOT_HOLD]) == "does not hold"
     assert claims.combine([stats.HOLDS, stats.WITHIN_NOISE]) == "partly"
+    assert claims.combine([stats.WITHIN_NOISE, stats.WITHIN_NOISE]) == "within noise"
+    assert set(stats.MEASURED_VERDICTS) <= set(claims.VOCABULARY)
     iv = stats.Interval(-6.0, -9.0, -3.0, 3, "t", 0.95)
     assert claims.interval(iv) == "-6 [-9, -3] (n=3, 95% t)"
 
