@@ -398,6 +398,9 @@ def rmsnorm_layer_speed() -> Measured:
         values.setdefault("step_intervals", method(iv))
         values[f"step_rms_over_ln_d{c['d_model']}_{c['precision']}"] = ratio(iv)
         faster.append(stats.verdict(iv, direction="less", threshold=0.93))
+        # the unfused pair, for context: the formulas on equal terms (not part of the verdict)
+        unfused = llama_step.rms_over_ln(step, c["d_model"], c["precision"], "normlab")
+        values[f"step_rms_over_ln_d{c['d_model']}_{c['precision']}_unfused"] = ratio(unfused)
     return Measured(values, combine(faster), [path, spath])
 
 
