@@ -219,3 +219,15 @@ def test_capacity_experiment_changes_only_the_model():
         (n, d, w) for n in ("bn", "gn") for d, w in cfg["models"]}
     for d, w in cfg["models"]:  # GN's groups divide every stage of every model; depth is 6n+2
         assert (d - 2) % 6 == 0 and all((m * w) % cfg["gn_groups"] == 0 for m in (1, 2, 4))
+
+
+def test_precise_bn_samples_every_class_of_a_class_ordered_training_set():
+    # CIFAR-10's image folders load class by class: the first 10k images are classes 0 and 1 only.
+    from normlab.experiments.gn_batch_size import precise_bn_sample
+
+    labels = torch.arange(10).repeat_interleave(5000)
+    pick = precise_bn_sample(len(labels), 10000, seed=1234)
+    counts = torch.bincount(labels[pick], minlength=10)
+    assert len(set(pick.tolist())) == 10000
+    assert counts.min() > 900 and counts.max() < 1100, counts
+    assert torch.equal(pick, precise_bn_sample(len(labels), 10000, seed=1234)), "seeded: the same sample every run"

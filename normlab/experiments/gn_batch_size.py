@@ -166,6 +166,11 @@ def norm_layer(norm: str, config: dict[str, Any]):
     raise ValueError(f"norm must be 'bn', 'sbn', 'gn' or 'brn', got {norm!r}")
 
 
+def precise_bn_sample(n_train: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the `n` training images whose statistics precise BN averages: a seeded random sample."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def train_config(run: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
     """SGD at lr = base_lr * N/32 for a batch of k*N; precision and memory format from the config
     ("auto": the fastest measured for the norm, `normlab.train.FASTEST`; fp32 NCHW by default), and
@@ -197,8 +202,11 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
                "n_train": len(trx), "n_test": len(tex),
                "precision": tc.precision, "memory_format": tc.memory_format}
     if run["norm"] in ("bn", "brn", "sbn"):  # precise BN: population statistics recomputed after training
+        # A random sample: the training set may be stored class by class (CIFAR's image folders are), and
+        # the first images would then be one or two classes only, whose statistics are not the population's.
         n = min(config["precise_bn_images"], len(trx))
-        batches = (task.normalize(task.x[i: i + config["precise_bn_batch"]])
+        pick = precise_bn_sample(len(trx), n, config["subset_seed"]).to(task.x.device)
+        batches = (task.normalize(task.x[pick[i: i + config["precise_bn_batch"]]])
                    for i in range(0, n, config["precise_bn_batch"]))
         recompute_batchnorm_stats(trainer.model, batches)
         metrics["test_error_precise_bn"] = trainer.evaluate()["test_error"]
