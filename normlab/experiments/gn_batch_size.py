@@ -271,3 +271,70 @@ def paired_gap(record: dict[str, Any], metric: str = "test_error") -> dict[int, 
             gaps.setdefault(n, []).append(v["bn"] - v["gn"])
     return {n: {"median": statistics.median(g), "min": min(g), "max": max(g), "n": len(g)}
             for n, g in sorted(gaps.items(), reverse=True)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# statistics for the converged record: paired differences with intervals, the epoch-doubling check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cell(record: dict[str, Any], norm: str, n: int, epochs: int | None, metric: str) -> dict[int, float]:
+    """`{seed: metric}` of (norm, N), at `epochs` when the record trains several lengths (`epoch_list`)."""
+    return {r["seed"]: r["metrics"][metric] for r in record["runs"]
+            if r["config"]["norm"] == norm and r["config"]["batch_size"] == n
+            and (epochs is None or r["config"].get("epochs", record["config"]["epochs"]) == epochs)
+            and r["metrics"].get(metric) is not None}
+
+
+def lengths(record: dict[str, Any]) -> list[int]:
+    """The training lengths (epochs) of the record, shortest first."""
+    return sorted({r["config"].get("epochs", record["config"]["epochs"]) for r in record["runs"]})
+
+
+def differences(record: dict[str, Any], epochs: int | None = None, metric: str = "test_error"):
+    """The chapter's four measurements, each a `normlab.stats.Interval` (points; paired by seed):
+
+    `bn_small_minus_large` (BN at the smallest N minus the largest), `gn_small_minus_large`,
+    `gn_minus_bn` `{N: Interval}` at every N. `epochs=None` uses the longest training in the record.
+    """
+    from ..stats import paired_difference
+
+    epochs = max(lengths(record)) if epochs is None else epochs
+    ns = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
+    cell = lambda norm, n: _cell(record, norm, n, epochs, metric)
+    return {"epochs": epochs, "N_large": ns[0], "N_small": ns[-1],
+            "bn_small_minus_large": paired_difference(cell("bn", ns[-1]), cell("bn", ns[0])),
+            "gn_small_minus_large": paired_difference(cell("gn", ns[-1]), cell("gn", ns[0])),
+            "gn_minus_bn": {n: paired_difference(cell("gn", n), cell("bn", n)) for n in ns
+                            if len(set(cell("gn", n)) & set(cell("bn", n))) >= 2}}
+
+
+def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error") -> dict[str, Any]:
+    """Does doubling the training move the paired GN - BN difference at N = `n`?
+
+    For the two longest lengths L and 2L of the record: `short` and `long` (GN - BN at each, paired by
+    seed), `change` (the per-seed change of that difference, long minus short, as an Interval), and
+    `spread` (max - min over seeds of the difference at 2L). The verdict is stable when
+    |change.estimate| < spread: the extra training moved the difference by less than the seeds do.
+    """
+    from ..stats import paired_difference
+
+    ls = lengths(record)
+    if len(ls) < 2:
+        raise ValueError(f"the record trains one length ({ls}); epoch_doubling needs a profile with epoch_list")
+    short_len, long_len = ls[-2], ls[-1]
+
+    def diff(epochs):
+        gn, bn = _cell(record, "gn", n, epochs, metric), _cell(record, "bn", n, epochs, metric)
+        return {s: gn[s] - bn[s] for s in set(gn) & set(bn)}
+
+    d_short, d_long = diff(short_len), diff(long_len)
+    seeds = sorted(set(d_short) & set(d_long))
+    change = paired_difference({s: d_long[s] for s in seeds}, {s: d_short[s] for s in seeds})
+    spread = max(d_long.values()) - min(d_long.values())
+    return {"epochs": (short_len, long_len), "short": paired_difference(
+                {s: _cell(record, "gn", n, short_len, metric)[s] for s in d_short},
+                {s: _cell(record, "bn", n, short_len, metric)[s] for s in d_short}),
+            "long": paired_difference({s: _cell(record, "gn", n, long_len, metric)[s] for s in d_long},
+                                      {s: _cell(record, "bn", n, long_len, metric)[s] for s in d_long}),
+            "change": change, "spread": spread, "stable": abs(change.estimate) < spread}
