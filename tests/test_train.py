@@ -279,3 +279,20 @@ def test_compiled_training_matches_eager():
     for a, b in zip(eager, compiled):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+
+
+def test_optimizer_steps_only_in_the_one_training_loop():
+    # The book has one engine: every experiment trains through normlab.train.Trainer. The only other
+    # optimizer is trainer_speed's bare baseline, the loop the trainer is measured against.
+    import re
+    from pathlib import Path
+
+    import normlab
+
+    root = Path(normlab.__file__).parent
+    allowed = {root / "train.py", root / "experiments" / "trainer_speed.py"}
+    pattern = re.compile(r"torch\.optim\.|\.zero_grad\(|\bopt\w*\.step\(\)")
+    offenders = [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py")) if p not in allowed
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line.split("#")[0]) and not line.lstrip().startswith(("\"", "'"))]
+    assert not offenders, f"optimizer steps outside normlab/train.py: {offenders}; train with Trainer instead"

@@ -2,7 +2,7 @@
 
 The RMSNorm paper's "reduces the running time by 7%~64%" {cite}`zhang2019root` is a whole-model
 training-time figure; `norm_speed` times the layer alone. This times what the claim is about: one
-training step (forward, backward, `torch.optim.AdamW` step) of `normlab.models.llama.Llama` (pre-norm,
+training step of the book's `Trainer` (forward, backward, AdamW step) of `normlab.models.llama.Llama` (pre-norm,
 SwiGLU, rotary positions, no biases, byte-level vocabulary of 256 so that the head's share of the step
 stays small, as it is at LLaMA scale), for a few widths, in float32 and under bfloat16 autocast, with
 
@@ -35,6 +35,8 @@ import torch
 from .. import bench
 from ..models.llama import IMPLS, Llama, train_flops_per_token
 from ..stats import Interval
+from ..tasks import CharLM
+from ..train import Trainer, TrainConfig
 from ..utils import seed_all
 from . import _timing
 
@@ -76,19 +78,22 @@ def build(config: dict[str, Any], d_model: int, key: str, seed: int) -> Llama:
                  context=config["context"], norm=norm, impl=impl or "torch")
 
 
-def train_step(model: Llama, tokens: torch.Tensor, precision: str, lr: float) -> Callable[[], None]:
-    """A closure doing one training step: loss (under bf16 autocast for `bf16`), backward, AdamW step."""
+def train_step(model: Llama, tokens: torch.Tensor, precision: str, lr: float, seed: int = 0) -> Callable[[], None]:
+    """A closure doing one training step of `normlab.train.Trainer` (the book's one loop): a batch of
+    windows of `tokens` (shape `(batch, context + 1)`: the batch size and context), the loss under
+    bf16 autocast for `bf16`, backward, an AdamW step at a constant `lr`."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    device = tokens.device.type
+    batch, context = tokens.shape[0], tokens.shape[1] - 1
+    stream = tokens.flatten().long()
+    task = CharLM(stream, stream, context, eval_windows=1)
+    tc = TrainConfig(epochs=None, steps=1, batch_size=batch, optimizer="adamw", lr=lr, weight_decay=0.0,
+                     schedule="constant", precision=precision, seed=seed)
+    trainer = Trainer(model, task, tc, device=tokens.device)
 
     def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        trainer.step = 0  # a step budget of 1: keep the (constant) schedule in range across repeats
+        trainer.train_step()
 
     return step
 
