@@ -5,7 +5,9 @@ does not hold yet and appends it to that file as soon as it finishes (`normlab.r
 atomically). So a killed sweep loses at most the run in flight, and that one only up to its last
 checkpoint: each run gets a checkpoint file under `results/EXP/.checkpoints/PROFILE/` (ignored by git),
 which the trainer saves every epoch and every few minutes and resumes from; it is deleted once the run
-is recorded.
+is recorded. A `run_one` that takes `record` gets the record's path: its later runs can read what
+earlier runs recorded (`wn_ws_training` picks each variant's lr from its recorded lr sweep), waiting
+on runs that another process has `in_flight`.
 
 Several processes started with the same command share one sweep: each claims a run before starting it
 (`PROFILE.json.claims`, under an exclusive `fcntl` lock); a claim left by a dead process is taken over.
@@ -130,10 +132,12 @@ def sweep(
         if log and ckpt.exists():
             log(f"  resuming from checkpoint {ckpt}")
         try:
-            # experiments that train take a checkpoint file (benchmarks and probes do not)
-            resumable = "checkpoint" in inspect.signature(module.run_one).parameters
-            result = module.run_one(run_config, config, device=device, progress=progress,
-                                    **({"checkpoint": ckpt} if resumable else {}))
+            # experiments that train take a checkpoint file (benchmarks and probes do not); one whose
+            # later runs depend on earlier ones (an lr chosen by a recorded sweep) takes the record's path
+            params = inspect.signature(module.run_one).parameters
+            extra = {**({"checkpoint": ckpt} if "checkpoint" in params else {}),
+                     **({"record": out} if "record" in params else {})}
+            result = module.run_one(run_config, config, device=device, progress=progress, **extra)
         except BaseException:
             if rank0:
                 with _locked(out) as claims:
@@ -162,6 +166,19 @@ def sweep(
     if dist.is_initialized():
         dist.barrier()  # the others read the record only once rank 0 has written it
     return load_path(out)
+
+
+def in_flight(out: Path) -> set[str]:
+    """The keys of the runs of the record `out` that a live process has claimed and not recorded yet.
+
+    For a `run_one` that needs earlier runs of the same record (it takes `record=`): a missing run
+    that is in flight is worth waiting for; one that is not will never come from this sweep.
+    """
+    out = Path(out)
+    if not out.with_name(out.name + ".claims").exists():
+        return set()
+    with _locked(out) as claims:
+        return {key for key, pid in claims.items() if _alive(pid)} - _recorded(out)
 
 
 def _claim(out: Path, key: str) -> bool:
