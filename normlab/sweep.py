@@ -5,9 +5,8 @@ does not hold yet and appends it to that file as soon as it finishes (`normlab.r
 atomically). So a killed sweep loses at most the run in flight, and that one only up to its last
 checkpoint: each run gets a checkpoint file under `results/EXP/.checkpoints/PROFILE/` (ignored by git),
 which the trainer saves every epoch and every few minutes and resumes from; it is deleted once the run
-is recorded. A `run_one` that takes `record` gets the record's path: its later runs can read what
-earlier runs recorded (`wn_ws_training` picks each variant's lr from its recorded lr sweep), waiting
-on runs that another process has `in_flight`.
+is recorded. A `run_one` that takes `record` gets the record as it stands: its later runs can use what
+earlier runs recorded (the learning rate a recorded sweep chose), and raise `NotReady` until it is there.
 
 Several processes started with the same command share one sweep: each claims a run before starting it
 (`PROFILE.json.claims`, under an exclusive `fcntl` lock); a claim left by a dead process is taken over.
@@ -89,13 +88,16 @@ def sweep(
     device: str | torch.device | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    poll_s: float = 30.0,
 ) -> dict[str, Any]:
     """Run every run of `experiment`'s `profile` not yet in `out`, recording each as it finishes.
 
     `out` defaults to `results/EXP/PROFILE.json`. Returns the complete record. Runs that another live
     process of the same sweep has claimed are left to it (start one process per core to share a sweep).
+    A run whose `run_one` raises `NotReady` (it needs runs not recorded yet) is tried again after each
+    run this process records, or every `poll_s` seconds while other processes are running runs.
     """
-    from .experiments import get_experiment
+    from .experiments import NotReady, get_experiment
 
     module = get_experiment(experiment)
     if profile not in module.PROFILES:
@@ -119,33 +121,40 @@ def sweep(
     done = {r["key"] for r in existing["runs"]} if existing is not None else set()
     if log and done:
         log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(all_runs) - len(done)} to go")
-    for i, run_config in enumerate(all_runs):
+    # experiments that train take a checkpoint file (benchmarks and probes do not); runs that depend on
+    # other runs of the record take the record and raise NotReady until those are in it
+    resumable = "checkpoint" in inspect.signature(module.run_one).parameters
+    wants_record = "record" in inspect.signature(module.run_one).parameters
+
+    def attempt(i: int, run_config: dict[str, Any]) -> str:
+        """Claim, run and record one run: "recorded", "skipped" (recorded or another process's) or "not ready"."""
         key = run_key(run_config)
-        if key in done:
-            continue
         if not _agreed(_claim(out, key) if rank0 else None):
-            continue
+            return "skipped"
         if log and rank0:
             log(f"[{i + 1}/{len(all_runs)}] {experiment} {key}")
         t0 = time.perf_counter()
         ckpt = checkpoint_path(out, key)
         if log and ckpt.exists():
             log(f"  resuming from checkpoint {ckpt}")
+        kwargs: dict[str, Any] = {"checkpoint": ckpt} if resumable else {}
+        if wants_record:  # every process of a torchrun job sees rank 0's copy, so all decide alike
+            kwargs["record"] = _shared(load_path(out) if rank0 and out.exists() else new_record)
         try:
-            # experiments that train take a checkpoint file (benchmarks and probes do not); one whose
-            # later runs depend on earlier ones (an lr chosen by a recorded sweep) takes the record's path
-            params = inspect.signature(module.run_one).parameters
-            extra = {**({"checkpoint": ckpt} if "checkpoint" in params else {}),
-                     **({"record": out} if "record" in params else {})}
-            result = module.run_one(run_config, config, device=device, progress=progress, **extra)
-        except BaseException:
+            result = module.run_one(run_config, config, device=device, progress=progress, **kwargs)
+        except BaseException as e:
             if rank0:
                 with _locked(out) as claims:
                     claims.pop(key, None)
+            if isinstance(e, NotReady):
+                if log and rank0:
+                    log(f"  not ready ({e}); later")
+                waiting[key] = str(e)
+                return "not ready"
             raise
         wall = time.perf_counter() - t0
         if not rank0:  # under torchrun, rank 0 records what all processes trained together
-            continue
+            return "recorded"
         result, nonfinite = finite(result)
         if nonfinite:  # JSON has no NaN/inf: they became null, and the run says why
             result.setdefault("metrics", {}).setdefault("diverged", True)
@@ -161,24 +170,29 @@ def sweep(
             record["provenance"]["wall_s"] = round(record["provenance"]["wall_s"] + wall, 2)
             atomic_write_json(out, record)
         ckpt.unlink(missing_ok=True)  # recorded: the checkpoint has done its job
+        return "recorded"
+
+    waiting: dict[str, str] = {}  # run key -> why it is not ready
+    outcomes = [attempt(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in done]
+    # Some runs were not ready: go over every unrecorded run again (a dead process's claims are taken
+    # over) as long as runs get recorded, and wait while another process runs something (it may be what
+    # they need); when nothing is running, what they need will never come: an error.
+    while "not ready" in outcomes:
+        pending = _shared([(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in _recorded(out)]
+                          if rank0 else None)
+        outcomes = [attempt(i, rc) for i, rc in pending]
+        if "not ready" in outcomes and "recorded" not in outcomes:
+            if not _agreed(_others_running(out) if rank0 else None):
+                why = "; ".join(f"{run_key(rc)}: {waiting[run_key(rc)]}"
+                                for (i, rc), o in zip(pending, outcomes) if o == "not ready")
+                raise RuntimeError(f"run(s) of {experiment}/{profile} wait for runs that are neither recorded nor "
+                                   f"running: {why}. Check that runs() lists every run they need")
+            time.sleep(poll_s)
     if rank0 and not out.exists():
         atomic_write_json(out, new_record)
     if dist.is_initialized():
         dist.barrier()  # the others read the record only once rank 0 has written it
     return load_path(out)
-
-
-def in_flight(out: Path) -> set[str]:
-    """The keys of the runs of the record `out` that a live process has claimed and not recorded yet.
-
-    For a `run_one` that needs earlier runs of the same record (it takes `record=`): a missing run
-    that is in flight is worth waiting for; one that is not will never come from this sweep.
-    """
-    out = Path(out)
-    if not out.with_name(out.name + ".claims").exists():
-        return set()
-    with _locked(out) as claims:
-        return {key for key, pid in claims.items() if _alive(pid)} - _recorded(out)
 
 
 def _claim(out: Path, key: str) -> bool:
@@ -189,6 +203,21 @@ def _claim(out: Path, key: str) -> bool:
             return False
         claims[key] = os.getpid()
         return True
+
+
+def _others_running(out: Path) -> bool:
+    """Whether a live process other than this one holds a claim on a run of `out`."""
+    with _locked(out) as claims:
+        return any(pid != os.getpid() and _alive(pid) for pid in claims.values())
+
+
+def _shared(obj: Any) -> Any:
+    """Rank 0's `obj` on every process of a torchrun job (`obj` itself without one)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _agreed(decision: bool | None) -> bool:

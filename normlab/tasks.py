@@ -8,7 +8,8 @@ random number from the generator the trainer hands them, so a seed fixes the bat
   and flipped in a single advanced-indexing op (the standard CIFAR augmentation of He et al.
   {cite}`he2016deep`: pad 4, random crop, random horizontal flip), then converted to float and
   normalized per channel. The trainer samples it in epochs (a seeded permutation cut into batches).
-  Evaluation: `test_loss` and `test_error` (percent) in eval mode.
+  Evaluation: `test_loss` and `test_error` (percent) in eval mode, and `val_loss`, `val_error` on
+  a validation set if one is given (held out of the training images, for choosing hyperparameters).
 - `CharLM`: a token stream split into training and validation text; each batch is `batch_size`
   windows at random offsets (targets shifted by one). Sampled in steps. Evaluation: `val_loss`
   (nats per token) on fixed, evenly spaced validation windows.
@@ -104,6 +105,7 @@ class ImageClassification:
     Args:
         train_images, train_labels: uint8 (N, C, H, W) and int64 (N,).
         test_images, test_labels: optional evaluation set (both or neither).
+        val_images, val_labels: optional validation set (both or neither), evaluated like the test set.
         augment: pad-`padding` random crop + horizontal flip of every training batch.
         mean, std: per-channel normalization on the uint8 scale; default: the training set's.
         eval_batch_size: images per forward pass when evaluating.
@@ -115,17 +117,23 @@ class ImageClassification:
     def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor,
                  test_images: torch.Tensor | None = None, test_labels: torch.Tensor | None = None, *,
                  augment: bool = True, padding: int = 4, mean: Sequence[float] | torch.Tensor | None = None,
-                 std: Sequence[float] | torch.Tensor | None = None, eval_batch_size: int = 1000):
+                 std: Sequence[float] | torch.Tensor | None = None, eval_batch_size: int = 1000,
+                 val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None):
         if train_images.dtype != torch.uint8 or train_images.dim() != 4:
             raise ValueError("train_images must be a uint8 tensor (N, C, H, W); convert with .to(torch.uint8)")
         if len(train_images) != len(train_labels):
             raise ValueError(f"{len(train_images)} images but {len(train_labels)} labels")
         if (test_images is None) != (test_labels is None):
             raise ValueError("give both test_images and test_labels, or neither")
+        if (val_images is None) != (val_labels is None):
+            raise ValueError("give both val_images and val_labels, or neither")
+        if val_images is not None and len(val_images) != len(val_labels):
+            raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} labels")
         if padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding}")
         self.x, self.y = train_images, train_labels
         self.test = None if test_images is None else (test_images, test_labels)
+        self.val = None if val_images is None else (val_images, val_labels)
         self.augment, self.padding, self.eval_batch_size = augment, padding, eval_batch_size
         if mean is None or std is None:
             m, s = channel_stats(train_images)
@@ -142,6 +150,8 @@ class ImageClassification:
         self.x, self.y = self.x.to(device), self.y.to(device)
         if self.test is not None:
             self.test = (self.test[0].to(device), self.test[1].to(device))
+        if self.val is not None:
+            self.val = (self.val[0].to(device), self.val[1].to(device))
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         # pad the whole training set once, so each step's crop+flip+batching is a single gather
         self.x_padded = F.pad(self.x, (self.padding,) * 4) if self.augment else None
@@ -170,25 +180,32 @@ class ImageClassification:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """`test_loss` and `test_error` (percent) in eval mode; empty without a test set."""
-        if self.test is None:
-            return {}
-        images, labels = self.test
+        """`test_loss` and `test_error` (percent) in eval mode, and `val_loss`, `val_error` with a
+        validation set; empty without either."""
         was_training = model.training
         model.eval()
-        loss_sum, wrong = 0.0, 0
-        for i in range(0, len(images), self.eval_batch_size):
-            logits = model(self.normalize(images[i: i + self.eval_batch_size])).float()
-            y = labels[i: i + self.eval_batch_size]
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            wrong += (logits.argmax(1) != y).sum().item()
+        out: dict[str, float] = {}
+        for name, split in (("test", self.test), ("val", self.val)):
+            if split is None:
+                continue
+            images, labels = split
+            loss_sum, wrong = 0.0, 0
+            for i in range(0, len(images), self.eval_batch_size):
+                logits = model(self.normalize(images[i: i + self.eval_batch_size])).float()
+                y = labels[i: i + self.eval_batch_size]
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                wrong += (logits.argmax(1) != y).sum().item()
+            n = max(1, len(images))
+            out.update({f"{name}_loss": loss_sum / n, f"{name}_error": 100.0 * wrong / n})
         model.train(was_training)
-        n = max(1, len(images))
-        return {"test_loss": loss_sum / n, "test_error": 100.0 * wrong / n}
+        return out
 
     def describe(self) -> dict:
-        return {"task": "images", "n_train": self.num_train, "n_test": 0 if self.test is None else len(self.test[1]),
-                "shape": list(self.x.shape[1:])}
+        d = {"task": "images", "n_train": self.num_train, "n_test": 0 if self.test is None else len(self.test[1]),
+             "shape": list(self.x.shape[1:])}
+        if self.val is not None:  # only then: checkpoints of runs without one keep their fingerprint
+            d["n_val"] = len(self.val[1])
+        return d
 
 
 class CharLM:

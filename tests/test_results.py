@@ -84,6 +84,61 @@ def test_sweep_records_and_skips(slow_exp):
     assert results.load("extexp.slowexp", "cpu") == rec2
 
 
+# Runs that depend on other runs of the record: "total" is listed first but needs every square.
+DEPENDENT_EXPERIMENT = textwrap.dedent('''
+    """A test experiment: the run "total" sums the squares the other runs recorded."""
+    from normlab.experiments import NotReady
+    PROFILES = {"cpu": {"n": 3, "need": 3}, "orphan": {"n": 3, "need": 4}}
+
+    def runs(config):
+        return [{"i": "total", "seed": 0}] + [{"i": i, "seed": 0} for i in range(config["n"])]
+
+    def run_one(run, config, device, progress=False, record=None):
+        if run["i"] != "total":
+            return {"metrics": {"square": run["i"] ** 2}, "history": []}
+        got = [r["metrics"]["square"] for r in record["runs"] if r["config"]["i"] != "total"]
+        if len(got) < config["need"]:
+            raise NotReady(f"{len(got)} of {config['need']} squares recorded")
+        return {"metrics": {"sum": sum(got)}, "history": []}
+''')
+
+
+@pytest.fixture
+def dependent_exp(slow_exp):
+    import importlib
+
+    tmp_path, _ = slow_exp
+    (tmp_path / "pkg" / "depexp").mkdir()
+    (tmp_path / "pkg" / "depexp" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "depexp" / "dependent.py").write_text(DEPENDENT_EXPERIMENT)
+    importlib.invalidate_caches()
+    return tmp_path
+
+
+def test_a_run_that_is_not_ready_waits_for_the_runs_it_needs(dependent_exp):
+    rec = sweep.sweep("depexp.dependent", "cpu", log=None)
+    assert [r["config"]["i"] for r in rec["runs"]] == [0, 1, 2, "total"]
+    assert rec["runs"][-1]["metrics"]["sum"] == 0 + 1 + 4 and rec["complete"]
+    assert not json.loads(results.result_path("depexp.dependent", "cpu").with_name("cpu.json.claims").read_text())
+
+
+def test_a_run_whose_needs_never_come_is_an_error_after_others_finish(dependent_exp):
+    """Nothing left that could record what "total" needs: an error naming the run and its reason; but
+    only once no other process runs anything (a sleeping process holds a claim for a while)."""
+    out = results.result_path("depexp.dependent", "orphan")
+    import threading
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    threading.Thread(target=other.wait, daemon=True).start()  # reaped when it ends: no zombie looks alive
+    with sweep._locked(out) as claims:
+        claims["some other run"] = other.pid
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"neither recorded nor running.*total.*3 of 4 squares"):
+        sweep.sweep("depexp.dependent", "orphan", log=None, poll_s=0.1)
+    assert time.perf_counter() - t0 > 1.0, "gave up while another process was still running"
+    assert [r["config"]["i"] for r in results.load("depexp.dependent", "orphan")["runs"]] == [0, 1, 2]
+
+
 def test_sweep_refuses_a_changed_config(slow_exp):
     sweep.sweep("extexp.slowexp", "cpu", log=None)
     path = results.result_path("extexp.slowexp", "cpu")

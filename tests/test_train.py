@@ -196,6 +196,25 @@ def test_a_non_finite_loss_stops_the_run():
     assert all(v is None or not isinstance(v, float) or math.isfinite(v) for r in h for v in r.values())
 
 
+def test_a_validation_set_is_evaluated_like_the_test_set():
+    """`val_error`/`val_loss` are what the test metrics would be on the same images; without a validation
+    set the task describes itself as before (old checkpoints keep their fingerprint)."""
+    x, y = _tiny_data(64)
+    model = _resnet()
+    plain = ImageClassification(x, y, x[:16], y[:16])
+    both = ImageClassification(x, y, x[:16], y[:16], val_images=x[16:40], val_labels=y[16:40])
+    as_test = ImageClassification(x, y, x[16:40], y[16:40]).to(torch.device("cpu")).evaluate(model)
+    got = both.to(torch.device("cpu")).evaluate(model)
+    assert got["val_error"] == as_test["test_error"] and got["val_loss"] == pytest.approx(as_test["test_loss"], rel=1e-12)
+    assert {k: got[k] for k in ("test_error", "test_loss")} == plain.to(torch.device("cpu")).evaluate(model)
+    assert "n_val" not in plain.describe() and both.describe()["n_val"] == 24
+    assert model.training  # evaluation leaves the mode as it found it
+    with pytest.raises(ValueError, match="both val_images and val_labels"):
+        ImageClassification(x, y, val_images=x)
+    with pytest.raises(ValueError, match="24 validation images but 5 labels"):
+        ImageClassification(x, y, val_images=x[16:40], val_labels=y[:5])
+
+
 def test_bad_input_names_the_fix():
     x, y = _tiny_data(32)
     with pytest.raises(ValueError, match="uint8"):

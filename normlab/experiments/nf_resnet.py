@@ -12,6 +12,16 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   there and is recorded with `metrics.diverged = True`; so is a run whose epoch-mean training loss
   exceeds 10 ln(classes) (exploded without overflowing).
 
+- `kind="sweep"` and `kind="final"` (profiles with `lrs`, e.g. `cpu_converged`): the same four
+  networks, each at its own best learning rate. A held-out validation split of the training images
+  (`val_size`, drawn once with `split_seed`) chooses it: every lr of `lrs[model]` is trained once per
+  `sweep_seeds` seed, and the lr with the lowest final validation error among the runs that did not
+  diverge (`choose_lr`) is the one the `final` runs train at, once per `final_seeds` seed (seeds the
+  sweep did not use, so the reported test errors played no part in the choice). A final run needs its
+  model's sweep in the record: `run_one` takes `record` and raises `NotReady` until it is there.
+  Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
+  `flatness`.
+
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
 """
 
@@ -24,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import NotReady
 from ..nf import NFResNet, PreActResNet, agc_hook, agc_parameters, signal_propagation
 from ..tasks import ImageClassification, channel_stats
 from ..train import Trainer, TrainConfig
@@ -35,8 +46,12 @@ _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3
 PROFILES: dict[str, dict[str, Any]] = {
     # seconds: proves every code path (tiny models, a few steps); numbers are not results
     "smoke": {**_COMMON, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "batch_size": 64,
-              "epochs": 1, "spp_depth": 8, "spp_batch": 8, "spp_models": ["bn", "none", "nf", "nf_nows"],
-              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0]},
+              "epochs": 2, "spp_depth": 8, "spp_batch": 8, "spp_models": ["bn", "none", "nf", "nf_nows"],
+              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0],
+              # the code path of cpu_converged: a 2-lr sweep per network, then 2 seeds at the chosen lr
+              "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
+              "sweep_seeds": [0], "final_seeds": [1, 2], "val_size": 64, "split_seed": 2021, "image_size": 16,
+              "padding": 2, "precision": "bf16", "memory_format": "channels_last", "bn_impl": "fused"},
     # a reduced reproduction for one shared CPU core: ResNet-20 on a 5,000-image CIFAR-10 subset
     "cpu": {**_COMMON, "depth": 20, "width": 16, "train_size": 5000, "test_size": 2000, "batch_size": 128,
             "epochs": 4, "spp_depth": 110, "spp_batch": 64, "spp_models": ["bn", "none", "nf", "nf_nows"],
@@ -49,6 +64,26 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train": [["bn", 0.1], ["bn", 0.8], ["nf", 0.8], ["nf_noagc", 0.8], ["none", 0.1], ["none", 0.01],
                        ["nf_noagc", 0.1], ["nf", 0.1]],
              "seeds": [0]},
+    # Each network at its own best lr, trained until the test error barely moves (issue: the `cpu`
+    # profile compared BN at lr 0.1 with NF at 0.8, never tried the unnormalized net below 0.1, and
+    # stopped after 4 epochs on 5k images). ResNet-20 on all 50k CIFAR-10 training images less a 5k
+    # validation split, at 16 px (as gn_batch_size's cpu_converged), the full 10k test set, 30 epochs
+    # with a 1-epoch warmup and cosine decay. One sweep seed per lr (a factor-3 grid: neighbours differ
+    # by more than seed noise except near the optimum, where either choice is as good), then 3 fresh
+    # seeds at the chosen lr. bf16 + channels_last for every network: FASTEST lists BN only, so
+    # "auto" would train BN in bf16 and the NF / unnormalized nets in fp32 (a precision confound, and
+    # 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than normlab's on a CPU).
+    # Cost, measured through run_one at one thread on a shared, loaded 2-core machine (pessimistic):
+    # 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of 15k images:
+    # 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
+    "cpu_converged": {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
+                      "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
+                      "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
+                      "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
+                              "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
+                      "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
+                      "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
+                      "bn_impl": "fused"},
 }
 
 SPP_MODELS = ("bn", "none", "nf", "nf_nows")
@@ -56,17 +91,48 @@ TRAIN_MODELS = ("bn", "none", "nf", "nf_noagc")
 
 
 def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Signal propagation runs first (cheap, first seed only), then the training runs, seed by seed."""
+    """Signal propagation runs first (cheap, first seed only), then the fixed-lr training runs, seed by
+    seed; then the lr sweep network by network (a network's final runs need only its own sweep), then
+    the final runs seed by seed (a partial record then already pairs the networks)."""
     out: list[dict[str, Any]] = []
     # signal propagation at init: one seed is enough (a batch of 64+ images, thousands of channels)
     out += [{"kind": "spp", "model": m, "seed": config["seeds"][0]} for m in config["spp_models"]]
     for seed in config["seeds"]:
         out += [{"kind": "train", "model": m, "lr": lr, "seed": seed} for m, lr in config["train"]]
+    lrs = _check_lrs(config)
+    out += [{"kind": "sweep", "model": m, "lr": lr, "seed": seed}
+            for m, grid in lrs.items() for lr in grid for seed in config["sweep_seeds"]]
+    out += [{"kind": "final", "model": m, "seed": seed} for seed in config.get("final_seeds", []) for m in lrs]
     for r in out:
         allowed = SPP_MODELS if r["kind"] == "spp" else TRAIN_MODELS
         if r["model"] not in allowed:
             raise ValueError(f"unknown {r['kind']} model {r['model']!r}; choose from {allowed}")
     return out
+
+
+def _check_lrs(config: dict[str, Any]) -> dict[str, list[float]]:
+    """The profile's `lrs` ({model: grid}, empty without one), after checking what the sweep needs."""
+    lrs = config.get("lrs") or {}
+    if not lrs:
+        return {}
+    fix = "fix the profile in normlab/experiments/nf_resnet.py"
+    for m, grid in lrs.items():
+        if m not in TRAIN_MODELS:
+            raise ValueError(f"unknown lrs model {m!r}; choose from {TRAIN_MODELS} ({fix})")
+        if not grid or not all(isinstance(lr, (int, float)) and lr > 0 for lr in grid) or len(set(grid)) < len(grid):
+            raise ValueError(f"lrs[{m!r}] must be a non-empty list of distinct learning rates > 0, got {grid!r} ({fix})")
+    sweep_seeds, final_seeds = config.get("sweep_seeds") or [], config.get("final_seeds") or []
+    if not sweep_seeds:
+        raise ValueError(f"a profile with lrs needs sweep_seeds (e.g. [0]) to run its lr sweep ({fix})")
+    if len(final_seeds) < 2:
+        raise ValueError(f"final_seeds needs at least 2 seeds for paired intervals (the book's standard is 3), "
+                         f"got {final_seeds!r} ({fix})")
+    if set(sweep_seeds) & set(final_seeds):
+        raise ValueError(f"final_seeds {final_seeds} repeat sweep_seeds {sweep_seeds}: a final run with a sweep seed "
+                         f"repeats that sweep run, and its test error took part in choosing the lr ({fix})")
+    if not config.get("val_size"):
+        raise ValueError(f"a profile with lrs chooses them on a validation split: set val_size (e.g. 5000) ({fix})")
+    return lrs
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,6 +159,11 @@ def build_model(kind: str, model: str, config: dict[str, Any], in_channels: int,
     if model in ("nf", "nf_noagc", "nf_nows"):
         return NFResNet(depth=depth, width=width, in_channels=in_channels, alpha=config["alpha"], ws=model != "nf_nows")
     norm = "bn" if model == "bn" else None
+    if norm == "bn" and kind == "train" and config.get("bn_impl", "normlab") != "normlab":
+        if config["bn_impl"] != "fused":
+            raise ValueError(f"bn_impl must be 'normlab' (normlab's BatchNorm2d) or 'fused' (torch's), "
+                             f"got {config['bn_impl']!r}")
+        norm = nn.BatchNorm2d
     if kind == "spp":  # the paper's plots are of pre-activation ResNets with projection shortcuts
         return PreActResNet(depth=depth, width=width, in_channels=in_channels, norm_layer=norm)
     return CIFARResNet(depth=depth, width=width, in_channels=in_channels, norm_layer=norm)
@@ -120,36 +191,268 @@ def _finite(value: float) -> float | None:
 
 
 def _run_train(run: dict[str, Any], config: dict[str, Any], device: torch.device, progress: bool,
-               checkpoint=None) -> dict[str, Any]:
+               checkpoint=None, lr: float | None = None) -> dict[str, Any]:
+    """Train one network (`kind` "train" at `run["lr"]`; "sweep" and "final" at `lr`, on the split
+    with a validation set) and return its metrics and per-epoch history."""
+    lr = run["lr"] if lr is None else lr
     seed_all(run["seed"])
-    x_train, y_train, x_test, y_test = _split(config, run["seed"])
+    if run["kind"] == "train":
+        x_train, y_train, x_test, y_test = _split(config, run["seed"])
+        val: dict[str, torch.Tensor] = {}
+        source = _dataset(config["dataset"]).source
+    else:
+        x_train, y_train, x_val, y_val, x_test, y_test, source = _val_split(config)
+        val = {"val_images": x_val, "val_labels": y_val}
     model = build_model("train", run["model"], config, x_train.shape[1]).to(device)
-    tc = TrainConfig(epochs=config["epochs"], batch_size=config["batch_size"], lr=run["lr"],
+    # the defaults are those of the profiles that predate the settings (fp32, NCHW, pad 4, every epoch)
+    tc = TrainConfig(epochs=config["epochs"], batch_size=config["batch_size"], lr=lr,
                      momentum=config["momentum"], nesterov=config["nesterov"],
                      weight_decay=config["weight_decay"], schedule=config["schedule"],
-                     warmup=config["warmup_epochs"], seed=run["seed"])
+                     warmup=config["warmup_epochs"], seed=run["seed"], eval_every=config.get("eval_every", 1),
+                     precision=config.get("precision", "fp32"), memory_format=config.get("memory_format", "contiguous"))
     hooks = [agc_hook(agc_parameters(model), clip=config["agc_clip"], eps=config["agc_eps"])] \
         if run["model"] == "nf" else []
-    trainer = Trainer(model, ImageClassification(x_train, y_train, x_test, y_test), tc, hooks=hooks,
-                      checkpoint=checkpoint, device=device)
-    history = trainer.fit(progress=progress, desc=f"{run['model']} lr={run['lr']}")
+    task = ImageClassification(x_train, y_train, x_test, y_test, padding=config.get("padding", 4), **val)
+    trainer = Trainer(model, task, tc, hooks=hooks, checkpoint=checkpoint, device=device)
+    history = trainer.fit(progress=progress, desc=f"{run['model']} lr={lr}")
     exploded = 10 * math.log(int(y_train.max()) + 1)  # 10x the loss of a uniform guess
     blown = next((r["step"] for r in history if r.get("train_loss") is not None and not r["train_loss"] < exploded), None)
     metrics = {**trainer.summary(), "epochs_done": len(history), "n_train": len(x_train), "n_test": len(x_test),
-               "data_source": _dataset(config["dataset"]).source}
+               "data_source": source}
+    if val:
+        metrics.update(val_error=history[-1].get("val_error"), n_val=len(y_val), lr=lr, precision=tc.precision,
+                       memory_format=tc.memory_format)
     metrics["diverged"] = trainer.diverged or blown is not None
     metrics["diverged_step"] = history[-1]["step"] if trainer.diverged else blown
-    clipped = [r["agc_clip_fraction"] for r in history if r.get("agc_clip_fraction") is not None]
-    if clipped:
-        metrics["agc_clip_fraction"] = sum(clipped) / len(clipped)
+    metrics.update(clip_summary(history))
     return {"metrics": metrics, "history": history}
 
 
+def clip_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """AGC's clipped fraction of units from a run's history: `agc_clip_fraction`, the mean over every
+    training step (rows weighted by their steps: a row cut short by divergence counts for its steps),
+    and `agc_clip_fraction_last`, the last row's (the last epoch's) mean. Empty for runs without AGC."""
+    total = steps = 0.0
+    last, prev = None, 0
+    for row in history:
+        n, prev = row["step"] - prev, row["step"]
+        if row.get("agc_clip_fraction") is not None:
+            total, steps, last = total + row["agc_clip_fraction"] * n, steps + n, row["agc_clip_fraction"]
+    return {"agc_clip_fraction": total / steps, "agc_clip_fraction_last": last} if steps else {}
+
+
+_VAL_CACHE: dict[tuple, tuple] = {}
+
+
+def _val_split(config: dict[str, Any]):
+    """(train_x, train_y, val_x, val_y, test_x, test_y, source) at `image_size`: `val_size` training
+    images drawn once with `split_seed` (the same for every network, lr and seed), the next
+    `train_size` (None: all the rest) to train on, and `test_size` test images (None: all)."""
+    from .. import data
+
+    key = tuple(config.get(k) for k in ("dataset", "image_size", "val_size", "split_seed", "train_size", "test_size"))
+    if key not in _VAL_CACHE:
+        full = _dataset(config["dataset"])
+        split = data.resize(full, config["image_size"]) if config.get("image_size") else full
+        n, n_val = len(split.train_labels), config["val_size"]
+        if not 0 < n_val < n:
+            raise ValueError(f"val_size must be between 1 and the {n} training images - 1, got {n_val} "
+                             "(fix the profile in normlab/experiments/nf_resnet.py)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config["split_seed"]))
+        val_idx = perm[:n_val]
+        train_idx = perm[n_val:] if config.get("train_size") is None else perm[n_val: n_val + config["train_size"]]
+        test = data.subset(split, None, config.get("test_size"), seed=0, test_seed=12345)
+        _VAL_CACHE.clear()
+        _VAL_CACHE[key] = (split.train_images[train_idx], split.train_labels[train_idx], split.train_images[val_idx],
+                           split.train_labels[val_idx], test.test_images, test.test_labels, split.source)
+    return _VAL_CACHE[key]
+
+
 def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | str = "cpu",
-            progress: bool = False, checkpoint=None) -> dict[str, Any]:
+            progress: bool = False, checkpoint=None, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run. A `final` run trains at the lr its model's sweep in `record` chose (`normlab.sweep`
+    passes the record; it raises `NotReady` while that sweep is incomplete)."""
     device = torch.device(device)
     if run["kind"] == "spp":
         return _run_spp(run, config, device)
-    if run["kind"] == "train":
+    if run["kind"] in ("train", "sweep"):
         return _run_train(run, config, device, progress, checkpoint)
-    raise ValueError(f"run kind must be 'spp' or 'train', got {run['kind']!r}")
+    if run["kind"] == "final":
+        if record is None:
+            raise ValueError("a final run trains at the lr its sweep chose: pass record= (the record holding the "
+                             "sweep; `python -m normlab run nf_resnet --profile P` does)")
+        return _run_train(run, config, device, progress, checkpoint, lr=_lr_for(run["model"], config, record))
+    raise ValueError(f"run kind must be 'spp', 'train', 'sweep' or 'final', got {run['kind']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# choosing the learning rate, and reading the record (used by the chapter)
+# ----------------------------------------------------------------------------------------------------
+
+
+def choose_lr(val_errors: dict[float, list[float | None]]) -> float:
+    """The lr with the lowest mean final validation error; `val_errors` maps each lr to its runs' errors,
+    `None` for a run that diverged (which rules its lr out). Ties go to the smaller lr."""
+    ok = {lr: sum(v) / len(v) for lr, v in val_errors.items() if v and all(e is not None for e in v)}
+    if not ok:
+        raise ValueError(f"every lr of the sweep diverged ({sorted(val_errors)}): add smaller learning rates to "
+                         "the profile's lrs for this network")
+    return min(ok, key=lambda lr: (ok[lr], lr))
+
+
+def _sweep_errors(record: dict[str, Any], model: str) -> dict[float, list[float | None]]:
+    """{lr: final validation errors of `model`'s sweep runs at it, None where a run diverged}."""
+    out: dict[float, list[float | None]] = {}
+    for r in record["runs"]:
+        c = r["config"]
+        if c.get("kind") == "sweep" and c["model"] == model:
+            m = r["metrics"]
+            out.setdefault(c["lr"], []).append(None if m.get("diverged") else m.get("val_error"))
+    return out
+
+
+def _lr_for(model: str, config: dict[str, Any], record: dict[str, Any]) -> float:
+    """The lr a final run of `model` trains at; `NotReady` until the model's whole sweep is recorded."""
+    grid = _check_lrs(config).get(model)
+    if grid is None:
+        raise ValueError(f"the profile has no lrs for {model!r}: add them, or drop its final runs")
+    errors = _sweep_errors(record, model)
+    need = len(config["sweep_seeds"])
+    missing = [lr for lr in grid if len(errors.get(lr, [])) < need]
+    if missing:
+        raise NotReady(f"{model}'s lr sweep lacks lr {missing} ({need} seed(s) each)")
+    try:
+        return choose_lr({lr: errors[lr] for lr in grid})
+    except ValueError as e:
+        raise ValueError(f"{model}: {e} (PROFILES[...]['lrs'][{model!r}] in normlab/experiments/nf_resnet.py)") from None
+
+
+#: The networks of the lr-sweep comparison, in the order readers return them, and their names.
+ARMS = ("bn", "nf", "nf_noagc", "none")
+ARM_NAMES = {"bn": "BN", "nf": "NF + AGC", "nf_noagc": "NF, no AGC", "none": "no norm"}
+
+
+def _arms(record: dict[str, Any]) -> list[str]:
+    """The networks of the record's lr sweep; an error naming the fix for a record without one."""
+    lrs = record.get("config", {}).get("lrs")
+    if not lrs:
+        raise ValueError(f"the {record.get('profile')!r} record of nf_resnet has no lr sweep (its config has no lrs); "
+                         "these readers need a profile with one, e.g. results.load('nf_resnet', 'cpu_converged')")
+    return [a for a in ARMS if a in lrs]
+
+
+def _finals(record: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    return [r for r in record["runs"] if r["config"].get("kind") == "final" and r["config"]["model"] == model]
+
+
+def lr_sweep(record: dict[str, Any]) -> dict[str, dict[float, float | None]]:
+    """`{model: {lr: final validation error (%)}}` of the sweep, the mean over sweep seeds; `None` where a
+    run diverged, `nan` where the lr is not recorded yet."""
+    out = {}
+    for arm in _arms(record):
+        errors = _sweep_errors(record, arm)
+        out[arm] = {lr: (math.nan if not errors.get(lr) else None if None in errors[lr]
+                         else sum(errors[lr]) / len(errors[lr])) for lr in record["config"]["lrs"][arm]}
+    return out
+
+
+def chosen_lrs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{model: {"lr", "val_error", "at_edge"}}`: the lr `choose_lr` picks from the sweep (the one the
+    final runs trained at; a final run recorded at another lr is an error), its validation error, and
+    whether it is the grid's smallest or largest lr (then the grid may not bracket the best one).
+    Models whose sweep is incomplete are left out."""
+    out = {}
+    for arm in _arms(record):
+        grid = record["config"]["lrs"][arm]
+        errors = _sweep_errors(record, arm)
+        if any(len(errors.get(lr, [])) < len(record["config"]["sweep_seeds"]) for lr in grid):
+            continue
+        lr = choose_lr({g: errors[g] for g in grid})
+        used = {r["metrics"].get("lr") for r in _finals(record, arm)} - {lr}
+        if used:
+            raise ValueError(f"{arm}'s final runs trained at lr {sorted(used)}, but its recorded sweep chooses {lr}: "
+                             "the sweep changed after they ran; delete the final runs and record them again")
+        out[arm] = {"lr": lr, "val_error": sum(errors[lr]) / len(errors[lr]), "at_edge": lr in (min(grid), max(grid))}
+    return out
+
+
+def final_errors(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
+    """`{model: {"lr", "seeds": {seed: value}, "mean", "sd", "min", "max", "n", "diverged"}}` of `metric`
+    over the final runs (diverged runs included, at the error they stopped with; `diverged` counts them).
+    `sd` is the sample standard deviation over seeds (None for one seed)."""
+    import statistics
+
+    out = {}
+    for arm in _arms(record):
+        finals = _finals(record, arm)
+        if not finals:
+            continue
+        seeds = {r["seed"]: r["metrics"][metric] for r in finals}
+        v = list(seeds.values())
+        out[arm] = {"lr": finals[0]["metrics"].get("lr"), "seeds": seeds, "mean": statistics.fmean(v),
+                    "sd": statistics.stdev(v) if len(v) > 1 else None, "min": min(v), "max": max(v), "n": len(v),
+                    "diverged": sum(bool(r["metrics"].get("diverged")) for r in finals)}
+    return out
+
+
+def paired_vs_bn(record: dict[str, Any], metric: str = "test_error", confidence: float = 0.95):
+    """`{model: normlab.stats.Interval}` of `metric`(model) - `metric`(BN), paired by seed over the final
+    runs (negative: the model beats BN), for every model with final runs besides BN."""
+    from ..stats import paired_difference
+
+    errs = final_errors(record, metric)
+    if "bn" not in errs:
+        raise ValueError("no final BN runs in this record: the paired differences are against BN")
+    return {arm: paired_difference(e["seeds"], errs["bn"]["seeds"], confidence=confidence)
+            for arm, e in errs.items() if arm != "bn"}
+
+
+def agc_clipping(record: dict[str, Any]) -> dict[str, Any]:
+    """AGC's fraction of clipped units in the NF + AGC runs: `{"sweep": {lr: {"mean", "last"}}, "final":
+    {seed: {"mean", "last"}}}`, `mean` over all training steps, `last` over the last epoch (`clip_summary`)."""
+    if "nf" not in _arms(record):
+        raise ValueError("this record's sweep has no NF + AGC runs (model 'nf')")
+    pick = lambda m: {"mean": m.get("agc_clip_fraction"), "last": m.get("agc_clip_fraction_last")}  # noqa: E731
+    return {"sweep": {r["config"]["lr"]: pick(r["metrics"]) for r in record["runs"]
+                      if r["config"].get("kind") == "sweep" and r["config"]["model"] == "nf"},
+            "final": {r["seed"]: pick(r["metrics"]) for r in _finals(record, "nf")}}
+
+
+def divergence(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """`{model: [{"kind", "lr", "seed", "step"}, ...]}`: the sweep and final runs that diverged (loss
+    NaN/inf, or above 10 ln(classes)), and at which step; an empty list for a model none of whose did."""
+    out: dict[str, list[dict[str, Any]]] = {arm: [] for arm in _arms(record)}
+    for r in record["runs"]:
+        c, m = r["config"], r["metrics"]
+        if c.get("kind") in ("sweep", "final") and c["model"] in out and m.get("diverged"):
+            out[c["model"]].append({"kind": c["kind"], "lr": c.get("lr", m.get("lr")), "seed": r["seed"],
+                                    "step": m.get("diverged_step")})
+    return out
+
+
+def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_error") -> dict[str, dict[str, Any]]:
+    """How much `metric` still moved over the last `fraction` of training, per model's final runs:
+    `{model: {"from_epoch", "to_epoch", "seeds": {seed: change}, "mean", "max_abs"}}`, change = value at
+    the end - value at the last evaluation at or before (1 - fraction) of the epochs (negative: still
+    improving). Diverged runs are left out (`divergence` lists them)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    epochs = record["config"]["epochs"]
+    out = {}
+    for arm in _arms(record):
+        seeds, span = {}, None
+        for r in _finals(record, arm):
+            if r["metrics"].get("diverged"):
+                continue
+            rows = [h for h in r["history"] if h.get(metric) is not None]
+            before = [h for h in rows if h["epoch"] <= (1 - fraction) * epochs]
+            if not before or rows[-1]["epoch"] != epochs:
+                raise ValueError(f"{arm} seed {r['seed']}: no {metric} at or before epoch {(1 - fraction) * epochs:g} "
+                                 f"and at the end ({epochs}); record with eval_every <= {max(1, int(fraction * epochs))}")
+            seeds[r["seed"]] = rows[-1][metric] - before[-1][metric]
+            span = (before[-1]["epoch"], rows[-1]["epoch"])
+        if seeds:
+            v = list(seeds.values())
+            out[arm] = {"from_epoch": span[0], "to_epoch": span[1], "seeds": seeds, "mean": sum(v) / len(v),
+                        "max_abs": max(abs(x) for x in v)}
+    return out

@@ -23,8 +23,8 @@ Two kinds of profile:
   the `sweep_seeds`; `"phase": "final"` runs train it with `seeds[variant]` at the lr whose sweep runs
   reached the lowest median *validation* error (`n_val` training images held out by `split_seed`, never
   the test set; no lr at which a sweep seed diverged). A final run reads that choice from the record
-  it is written to (`run_one(..., record=...)`, which `normlab.sweep` passes), waiting for sweep runs
-  another process has in flight; it records the lr and the sweep it came from. Sweep and final seeds
+  it is written to (`run_one(..., record=...)`, which `normlab.sweep` passes; `NotReady` until the
+  sweep runs are there); it records the lr and the sweep it came from. Sweep and final seeds
   are disjoint, so the test error of a final run is not that of the run that chose its lr.
 
 Readers of such a record (`record = normlab.results.load("wn_ws_training", "cpu_converged")`):
@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -48,6 +46,7 @@ from ..stats import DOES_NOT_HOLD, HOLDS, Interval, paired_difference, verdict
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig, log_grad_norm
 from ..utils import seed_all
+from . import NotReady
 
 PROFILES: dict[str, dict[str, Any]] = {
     # seconds: a data subset, a narrow net, a dozen steps; proves the code path, learns little
@@ -242,33 +241,6 @@ def load_split(config: Mapping[str, Any]):
     return _SPLIT_CACHE[key]
 
 
-class ValTestTask(ImageClassification):
-    """`ImageClassification` whose evaluation reports the held-out validation images too
-    (`val_loss`, `val_error`), normalized with the training images' statistics."""
-
-    def __init__(self, train_images, train_labels, val_images, val_labels, test_images, test_labels):
-        super().__init__(train_images, train_labels, test_images, test_labels, augment=False)
-        self.val = (val_images, val_labels)
-
-    def to(self, device, memory_format=torch.contiguous_format):
-        super().to(device, memory_format)
-        self.val = (self.val[0].to(device), self.val[1].to(device))
-        return self
-
-    @torch.no_grad()
-    def evaluate(self, model):
-        test = super().evaluate(model)
-        saved, self.test = self.test, self.val
-        try:
-            val = super().evaluate(model)
-        finally:
-            self.test = saved
-        return {**test, "val_loss": val["test_loss"], "val_error": val["test_error"]}
-
-    def describe(self) -> dict:
-        return {**super().describe(), "n_val": len(self.val[1])}
-
-
 def converged_train_config(run: Mapping[str, Any], config: Mapping[str, Any], lr: float) -> TrainConfig:
     """SGD with momentum at `lr`, `warmup_epochs` of linear warmup, cosine to zero over `epochs`, a
     history row (with validation and test error) every epoch."""
@@ -311,45 +283,26 @@ def _sweep_keys(config: Mapping[str, Any], variant: str) -> list[str]:
     return [run_key(r) for r in runs(dict(config)) if r["phase"] == "sweep" and r["variant"] == variant]
 
 
-#: How often (seconds) a final run looks again for sweep runs that another process has in flight.
-POLL_S = 15.0
-
-
-def _sweep_of(variant: str, config: Mapping[str, Any], record) -> list[dict[str, Any]]:
-    """The recorded sweep runs of `variant`: from a loaded record (a dict), or from the record file a
-    sweep is writing (a path), waiting while the missing ones are in flight in other processes."""
-    keys = _sweep_keys(config, variant)
+def _sweep_of(variant: str, config: Mapping[str, Any], record: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The recorded sweep runs of `variant` in `record` (the record as it stands: `normlab.sweep`
+    passes it); `NotReady` while some are missing, so the sweep trains other runs first."""
     if record is None:
         raise ValueError(f"a final run of {variant!r} takes its lr from the recorded lr sweep: run the profile "
                          "with `python -m normlab run wn_ws_training --profile P` (normlab.sweep passes the record), "
-                         "or pass record= (the record's path, or the loaded record)")
-    if isinstance(record, Mapping):
-        have = {r["key"]: r for r in record["runs"]}
-        missing = [k for k in keys if k not in have]
-        if missing:
-            raise ValueError(f"the record lacks {len(missing)} of the {len(keys)} sweep runs of {variant!r} "
-                             f"(first: {missing[0]}): record the sweep runs first (they come first in runs())")
-        return [have[k] for k in keys]
-    from ..results import load_path
-    from ..sweep import in_flight
-
-    path = Path(record)
-    while True:
-        flying = in_flight(path)  # before loading: a run recorded in between is then in the record
-        have = {r["key"]: r for r in load_path(path)["runs"]} if path.exists() else {}
-        missing = [k for k in keys if k not in have]
-        if not missing:
-            return [have[k] for k in keys]
-        if not set(missing) <= flying:
-            raise ValueError(f"{path} lacks {len(missing)} sweep runs of {variant!r} that no live process is "
-                             f"running (first: {missing[0]}): rerun the same command; the sweep runs come first")
-        time.sleep(POLL_S)
+                         "or pass record= (the loaded record)")
+    keys = _sweep_keys(config, variant)
+    have = {r["key"]: r for r in record["runs"]}
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise NotReady(f"the record lacks {len(missing)} of the {len(keys)} sweep runs of {variant!r} "
+                       f"(first: {missing[0]})")
+    return [have[k] for k in keys]
 
 
 def run_converged(run: dict[str, Any], config: dict[str, Any], device: torch.device | str = "cpu",
                   progress: bool = False, checkpoint=None, record=None) -> dict[str, Any]:
     """One run of a per-variant-lr profile: a sweep run at `run["lr"]`, or a final run at the lr its
-    variant's recorded sweep chose (`select_lr`; `record` is the record's path or the loaded record).
+    variant's recorded sweep chose (`select_lr`; `record` is the record as it stands).
 
     Metrics: `test_error`/`test_loss` (percent / nats, the `n_test` test images), `val_error`/`val_loss`
     (the held-out images), `train_loss`/`train_error` (the last epoch, train mode), `diverged`, `steps`,
@@ -366,7 +319,7 @@ def run_converged(run: dict[str, Any], config: dict[str, Any], device: torch.dev
         lr, table = select_lr(_sweep_of(run["variant"], config, record), run["variant"])
         lr_sweep = [[row["lr"], row["val_error"]] for row in table]
     xtr, ytr, xva, yva, xte, yte, source = load_split(config)
-    task = ValTestTask(xtr, ytr, xva, yva, xte, yte)
+    task = ImageClassification(xtr, ytr, xte, yte, augment=False, val_images=xva, val_labels=yva)
     seed_all(run["seed"])  # same seed -> same init stream and same batch order for every variant
     model = SmallCNN(run["variant"], config["widths"], in_channels=xtr.shape[1], groups=config["groups"])
     trainer = Trainer(model, task, converged_train_config(run, config, lr), hooks=[log_grad_norm],

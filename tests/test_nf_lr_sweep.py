@@ -1,0 +1,285 @@
+"""nf_resnet's lr-sweep comparison (profiles with `lrs`, e.g. cpu_converged): runs, the lr choice,
+the dependency of final runs on the recorded sweep, AGC clip-fraction bookkeeping, and the readers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from normlab import nf, sweep
+from normlab.data import Split
+from normlab.experiments import NotReady
+from normlab.experiments import nf_resnet as exp
+from normlab.stats import t_quantile
+
+CONVERGED = exp.PROFILES["cpu_converged"]
+
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    """Random 32-px images in place of CIFAR-10 (fast, no data files); the split cache starts empty."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(512) % 10,
+                  torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(256) % 10,
+                  "random images")
+    monkeypatch.setattr(exp, "_dataset", lambda name: split)
+    monkeypatch.setattr(exp, "_VAL_CACHE", {})
+    return split
+
+
+# ---------------------------------------------------------------------------------------------------
+# the profile and its runs
+
+
+def test_converged_profile_runs_sweep_then_fresh_seeds():
+    rs = exp.runs(CONVERGED)
+    kinds = [r["kind"] for r in rs]
+    assert kinds.count("spp") == 4 and kinds.count("train") == 0
+    sweeps = [r for r in rs if r["kind"] == "sweep"]
+    finals = [r for r in rs if r["kind"] == "final"]
+    assert len(sweeps) == sum(len(v) for v in CONVERGED["lrs"].values()) == 16 and len(finals) == 4 * 3
+    assert max(i for i, r in enumerate(rs) if r["kind"] == "sweep") < min(i for i, r in enumerate(rs) if r["kind"] == "final")
+    assert [r["seed"] for r in finals] == [1] * 4 + [2] * 4 + [3] * 4  # seed by seed: a partial record pairs
+    assert all("lr" not in r for r in finals), "a final run's identity must not depend on the sweep's outcome"
+    assert {r["seed"] for r in sweeps}.isdisjoint({r["seed"] for r in finals})
+    for arm, grid in CONVERGED["lrs"].items():  # a factor-~3 grid per network
+        assert all(2.5 < b / a < 3.5 for a, b in zip(grid, grid[1:])), (arm, grid)
+    assert CONVERGED["image_size"] == 16 and CONVERGED["padding"] == 2 and CONVERGED["train_size"] is None
+    assert CONVERGED["test_size"] is None and CONVERGED["val_size"] == 5000 and CONVERGED["eval_every"] == 1
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lrs": {"bn": [0.1], "layernorm": [0.1]}}, "unknown lrs model 'layernorm'"),
+    ({"lrs": {"bn": [0.1, -0.3]}}, r"lrs\['bn'\] must be a non-empty list"),
+    ({"lrs": {"bn": [0.1, 0.1]}}, "distinct"),
+    ({"lrs": {"bn": []}}, "non-empty"),
+    ({"sweep_seeds": []}, "needs sweep_seeds"),
+    ({"final_seeds": [1]}, "at least 2 seeds"),
+    ({"final_seeds": [0, 1, 2]}, "repeat sweep_seeds"),
+    ({"val_size": 0}, "set val_size"),
+])
+def test_bad_lr_sweep_profiles_name_the_fix(change, match):
+    with pytest.raises(ValueError, match=match):
+        exp.runs({**CONVERGED, **change})
+
+
+def test_bad_split_and_bn_impl_name_the_fix(fake_cifar):
+    config = {**exp.PROFILES["smoke"], "val_size": 512}
+    with pytest.raises(ValueError, match="val_size must be between 1 and the 512 training images"):
+        exp.run_one({"kind": "sweep", "model": "none", "lr": 0.01, "seed": 0}, config)
+    with pytest.raises(ValueError, match="bn_impl must be 'normlab'.*or 'fused'"):
+        exp.build_model("train", "bn", {**config, "bn_impl": "cudnn"}, 3)
+
+
+def test_the_validation_split_is_held_out_and_fixed(fake_cifar):
+    config = {**exp.PROFILES["smoke"], "train_size": None}
+    trx, _, vx, vy, tex, _, source = exp._val_split(config)
+    assert len(vx) == config["val_size"] and len(trx) == 512 - config["val_size"] and len(tex) == 256
+    assert trx.shape[-1] == vx.shape[-1] == tex.shape[-1] == 16 and "downsampled to 16x16" in source
+    flat = lambda t: {bytes(x.numpy()) for x in t}  # noqa: E731
+    assert not flat(trx) & flat(vx), "a validation image is also a training image"
+    again = exp._val_split({**config, "epochs": 7})  # same split whatever else changes
+    assert torch.equal(again[2], vx) and torch.equal(again[3], vy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# choosing the lr; final runs wait for their sweep
+
+
+def test_choose_lr():
+    assert exp.choose_lr({0.1: [20.0], 0.3: [18.0], 1.0: [25.0]}) == 0.3
+    assert exp.choose_lr({0.1: [18.0], 0.3: [18.0]}) == 0.1  # a tie: the smaller lr
+    assert exp.choose_lr({0.1: [19.0, 21.0], 0.3: [18.0, 22.5]}) == 0.1  # the mean over seeds
+    assert exp.choose_lr({0.1: [30.0], 0.3: [10.0, None]}) == 0.1  # any diverged seed rules its lr out
+    with pytest.raises(ValueError, match="every lr of the sweep diverged.*add smaller"):
+        exp.choose_lr({0.1: [None], 0.3: [None]})
+
+
+def _sweep_run(model, lr, val_error, seed=0, diverged=False, clip=None):
+    metrics = {"val_error": val_error, "test_error": 50.0, "diverged": diverged, "diverged_step": 7 if diverged else None,
+               "lr": lr}
+    if clip is not None:
+        metrics.update(agc_clip_fraction=clip[0], agc_clip_fraction_last=clip[1])
+    return {"config": {"kind": "sweep", "model": model, "lr": lr, "seed": seed}, "seed": seed, "metrics": metrics,
+            "history": []}
+
+
+def test_a_final_run_needs_its_sweep(fake_cifar):
+    config = exp.PROFILES["smoke"]
+    run = {"kind": "final", "model": "bn", "seed": 1}
+    with pytest.raises(ValueError, match="pass record="):
+        exp.run_one(run, config)
+    record = {"config": config, "runs": [_sweep_run("bn", 0.03, 40.0)]}
+    with pytest.raises(NotReady, match=r"bn's lr sweep lacks lr \[0.1\]"):
+        exp.run_one(run, config, record=record)
+    diverged = {"config": config, "runs": [_sweep_run("bn", 0.03, 90.0, diverged=True),
+                                           _sweep_run("bn", 0.1, 90.0, diverged=True)]}
+    with pytest.raises(ValueError, match=r"bn: every lr of the sweep diverged.*PROFILES\[...\]\['lrs'\]\['bn'\]"):
+        exp.run_one(run, config, record=diverged)
+    record["runs"].append(_sweep_run("bn", 0.1, 45.0))  # 0.03 wins on validation error
+    out = exp.run_one(run, config, record=record)
+    assert out["metrics"]["lr"] == 0.03 and out["history"][0]["lr"] == pytest.approx(0.03)
+    assert out["metrics"]["n_val"] == config["val_size"] and out["metrics"]["val_error"] is not None
+    assert _untimed(out) == _untimed(exp.run_one(run, config, record=record)), "not deterministic"
+
+
+def _untimed(result):
+    return result["metrics"], [{k: v for k, v in h.items() if k != "time_s"} for h in result["history"]]
+
+
+def test_smoke_sweep_end_to_end(fake_cifar, tmp_path):
+    """The whole smoke profile through the sweep: finals at the lr the readers say was chosen."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rec = sweep.sweep("nf_resnet", "smoke", out=tmp_path / "smoke.json", progress=False, log=None)
+    finally:
+        torch.set_num_threads(threads)
+    assert rec["complete"]
+    json.dumps(rec, allow_nan=False)
+    chosen = exp.chosen_lrs(rec)  # raises if a final run trained at another lr than the sweep chooses
+    assert set(chosen) == set(exp.ARMS)
+    assert all(r["metrics"]["lr"] == chosen[r["config"]["model"]]["lr"] for r in rec["runs"]
+               if r["config"]["kind"] == "final")
+    errs = exp.final_errors(rec)
+    assert all(e["n"] == 2 and 0 <= e["mean"] <= 100 for e in errs.values())
+    assert set(exp.paired_vs_bn(rec)) == {"nf", "nf_noagc", "none"}
+    clip = exp.agc_clipping(rec)
+    assert set(clip["final"]) == {1, 2} and all(0 <= v["mean"] <= 1 and 0 <= v["last"] <= 1 for v in clip["final"].values())
+    assert set(exp.flatness(rec)) <= set(exp.ARMS) and set(exp.divergence(rec)) == set(exp.ARMS)
+    bn = next(r for r in rec["runs"] if r["config"]["kind"] == "final" and r["config"]["model"] == "bn")
+    assert bn["metrics"]["precision"] == "bf16" and bn["metrics"]["memory_format"] == "channels_last"
+    assert all("val_error" in h and "test_error" in h for h in bn["history"])  # every epoch (eval_every 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AGC's clip fraction
+
+
+def test_agc_counts_clipped_units_on_a_hand_made_case():
+    """5 units: a 3-row weight with rows 0 and 2 over the threshold, a bias (one unit) over it, a
+    per-channel gain (one unit) under it: 3 of 5 clipped."""
+    w = torch.nn.Parameter(torch.ones(3, 4))        # each row's norm 2: threshold 0.01 * 2 = 0.02
+    w.grad = torch.tensor([[0.1, 0, 0, 0], [0.01, 0, 0, 0], [0, 0.03, 0, 0]])
+    b = torch.nn.Parameter(torch.zeros(3))          # norm 0 -> eps: threshold 0.01 * 1e-3
+    b.grad = torch.tensor([1e-4, 0.0, 0.0])
+    gain = torch.nn.Parameter(torch.ones(3, 1, 1, 1))  # one unit, norm sqrt(3)
+    gain.grad = torch.full((3, 1, 1, 1), 1e-3)
+    assert nf.adaptive_grad_clip_([w, b, gain], clip=0.01, eps=1e-3) == pytest.approx(3 / 5)
+
+
+def test_clip_summary_weights_rows_by_their_steps():
+    history = [{"step": 10, "agc_clip_fraction": 1.0}, {"step": 20, "agc_clip_fraction": 0.5},
+               {"step": 25, "agc_clip_fraction": 0.0, "diverged": True}]  # a last row cut short at step 25
+    assert exp.clip_summary(history) == pytest.approx({"agc_clip_fraction": 0.6, "agc_clip_fraction_last": 0.0})
+    assert exp.clip_summary([{"step": 10, "train_loss": 1.0}]) == {}
+
+
+def test_run_metrics_average_the_per_step_clip_fractions(fake_cifar, monkeypatch):
+    """The run's agc_clip_fraction is the mean of what AGC returned at every step, and _last the mean over
+    the last epoch's steps."""
+    seen = []
+    real = nf.adaptive_grad_clip_
+
+    def counting(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(nf, "adaptive_grad_clip_", counting)
+    config = {**exp.PROFILES["smoke"], "train_size": 192, "batch_size": 32}  # 6 steps per epoch, 2 epochs
+    out = exp.run_one({"kind": "sweep", "model": "nf", "lr": 0.3, "seed": 0}, config)
+    assert len(seen) == 12 and all(0 <= f <= 1 for f in seen)
+    assert out["metrics"]["agc_clip_fraction"] == pytest.approx(sum(seen) / 12, rel=1e-9)
+    assert out["metrics"]["agc_clip_fraction_last"] == pytest.approx(sum(seen[6:]) / 6, rel=1e-9)
+    assert [h["agc_clip_fraction"] for h in out["history"]] == pytest.approx([sum(seen[:6]) / 6, sum(seen[6:]) / 6])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the readers, on a hand-built record with known answers
+
+
+def _final(model, seed, lr, test_error, history=(), diverged=False, clip=None):
+    metrics = {"test_error": test_error, "lr": lr, "diverged": diverged, "diverged_step": 99 if diverged else None}
+    if clip is not None:
+        metrics.update(agc_clip_fraction=clip[0], agc_clip_fraction_last=clip[1])
+    return {"config": {"kind": "final", "model": model, "seed": seed}, "seed": seed, "metrics": metrics,
+            "history": list(history)}
+
+
+def _curve(end, at8):
+    """10 epochs of test error: 60 at first, `at8` at epoch 8, `end` at epoch 10."""
+    return [{"epoch": e, "step": 10 * e, "test_error": {8: at8, 9: (at8 + end) / 2, 10: end}.get(e, 60.0)}
+            for e in range(1, 11)]
+
+
+def _fake_record():
+    config = {**CONVERGED, "epochs": 10, "lrs": {"bn": [0.03, 0.1, 0.3], "nf": [0.1, 0.3], "none": [0.01, 0.03]},
+              "final_seeds": [1, 2, 3]}
+    runs = [_sweep_run("bn", 0.03, 30.0), _sweep_run("bn", 0.1, 25.0), _sweep_run("bn", 0.3, 27.0),
+            _sweep_run("nf", 0.1, 31.0, clip=(0.9, 0.8)), _sweep_run("nf", 0.3, 29.0, clip=(0.97, 0.99)),
+            _sweep_run("none", 0.01, 40.0), _sweep_run("none", 0.03, 90.0, diverged=True)]
+    bn = {1: 24.0, 2: 25.0, 3: 26.0}
+    nf_ = {1: 23.0, 2: 23.0, 3: 23.0}        # nf - bn = -1, -2, -3
+    none = {1: 35.0, 2: 90.0, 3: 36.0}       # seed 2 diverged
+    runs += [_final("bn", s, 0.1, e, _curve(e, e + 1.0)) for s, e in bn.items()]
+    runs += [_final("nf", s, 0.3, e, _curve(e, e + 0.5), clip=(0.95, 0.5 + s / 10)) for s, e in nf_.items()]
+    runs += [_final("none", s, 0.01, e, _curve(e, e), diverged=s == 2) for s, e in none.items()]
+    return {"experiment": "nf_resnet", "profile": "cpu_converged", "config": config, "runs": runs}
+
+
+def test_readers_give_known_answers():
+    rec = _fake_record()
+    assert exp.lr_sweep(rec) == {"bn": {0.03: 30.0, 0.1: 25.0, 0.3: 27.0}, "nf": {0.1: 31.0, 0.3: 29.0},
+                                 "none": {0.01: 40.0, 0.03: None}}
+    assert exp.chosen_lrs(rec) == {"bn": {"lr": 0.1, "val_error": 25.0, "at_edge": False},
+                                   "nf": {"lr": 0.3, "val_error": 29.0, "at_edge": True},
+                                   "none": {"lr": 0.01, "val_error": 40.0, "at_edge": True}}
+    errs = exp.final_errors(rec)
+    assert errs["bn"]["mean"] == 25.0 and errs["bn"]["sd"] == pytest.approx(1.0) and errs["bn"]["n"] == 3
+    assert (errs["bn"]["min"], errs["bn"]["max"], errs["bn"]["lr"]) == (24.0, 26.0, 0.1)
+    assert errs["none"]["diverged"] == 1 and errs["none"]["seeds"][2] == 90.0 and errs["nf"]["diverged"] == 0
+    d = exp.paired_vs_bn(rec)
+    assert set(d) == {"nf", "none"}
+    half = t_quantile(0.975, 2) * 1.0 / math.sqrt(3)  # differences -1, -2, -3: sd 1
+    assert d["nf"].estimate == pytest.approx(-2.0) and d["nf"].n == 3
+    assert (d["nf"].low, d["nf"].high) == pytest.approx((-2.0 - half, -2.0 + half))
+    assert d["none"].estimate == pytest.approx((11 + 65 + 10) / 3)
+    clip = exp.agc_clipping(rec)
+    assert clip["sweep"] == {0.1: {"mean": 0.9, "last": 0.8}, 0.3: {"mean": 0.97, "last": 0.99}}
+    assert clip["final"][2] == {"mean": 0.95, "last": pytest.approx(0.7)}
+    assert exp.divergence(rec) == {"bn": [], "nf": [], "none": [{"kind": "sweep", "lr": 0.03, "seed": 0, "step": 7},
+                                                                {"kind": "final", "lr": 0.01, "seed": 2, "step": 99}]}
+    flat = exp.flatness(rec)
+    assert flat["bn"] == {"from_epoch": 8, "to_epoch": 10, "seeds": {1: -1.0, 2: -1.0, 3: -1.0}, "mean": -1.0,
+                          "max_abs": 1.0}
+    assert flat["nf"]["mean"] == pytest.approx(-0.5) and set(flat["none"]["seeds"]) == {1, 3}  # diverged left out
+    assert exp.flatness(rec, fraction=0.5)["bn"]["from_epoch"] == 5
+
+
+def test_readers_refuse_what_they_cannot_read():
+    rec = _fake_record()
+    with pytest.raises(ValueError, match="no lr sweep.*cpu_converged"):
+        exp.lr_sweep({"profile": "cpu", "config": exp.PROFILES["cpu"], "runs": []})
+    wrong = copy.deepcopy(rec)
+    for r in wrong["runs"]:
+        if r["config"]["kind"] == "final" and r["config"]["model"] == "bn":
+            r["metrics"]["lr"] = 0.3
+    with pytest.raises(ValueError, match=r"bn's final runs trained at lr \[0.3\].*record them again"):
+        exp.chosen_lrs(wrong)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        exp.flatness(rec, fraction=1.0)
+    sparse = _fake_record()
+    for r in sparse["runs"]:
+        r["history"] = [h for h in r["history"] if h["epoch"] == 10]
+    with pytest.raises(ValueError, match="no test_error at or before epoch 8.*eval_every <= 2"):
+        exp.flatness(sparse)
+    no_bn = {**rec, "runs": [r for r in rec["runs"] if r["config"]["model"] != "bn" or r["config"]["kind"] != "final"]}
+    with pytest.raises(ValueError, match="no final BN runs"):
+        exp.paired_vs_bn(no_bn)
+    no_nf = {**rec, "config": {**rec["config"], "lrs": {"bn": [0.1]}}}
+    with pytest.raises(ValueError, match="no NF \\+ AGC runs"):
+        exp.agc_clipping(no_nf)
