@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from normlab import norms
 from normlab.experiments import prepost_ln
-from normlab.models.transformer import (Block, Transformer, describe, flops_per_token, num_params,
+from normlab.models.transformer import (Block, DeepNormBlock, Transformer, describe, flops_per_token, num_params,
                                         param_count_formula)
 
 CASES = [("post", "layernorm"), ("pre", "layernorm"), ("post", "rmsnorm"), ("pre", "rmsnorm")]
@@ -273,7 +273,7 @@ def test_deepnorm_block_matches_hand_written_reference(norm):
     """x = LN(alpha x + Attn(x)), then LN(alpha x + FFN(x))."""
     torch.manual_seed(0)
     alpha = 1.7
-    block = Block(16, 2, 64, "deepnorm", norm, alpha=alpha).double()
+    block = DeepNormBlock(16, 2, 64, norm, alpha=alpha).double()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 12, 16, dtype=torch.float64)
@@ -300,9 +300,12 @@ def test_existing_placements_keep_their_state_dict_keys():
     ({"placement": "post", "deepnorm_alpha": 2.0}, "only apply to placement='deepnorm'"),
     ({"placement": "deepnorm", "deepnorm_beta": 0.0}, "deepnorm_beta must be a positive"),
     ({"placement": "deepnorm", "deepnorm_alpha": -1.0}, "alpha must be a positive"),
+    ({"placement": "middle"}, r"one of \('post', 'pre', 'deepnorm'\)"),
 ])
 def test_deepnorm_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Transformer(11, d_model=16, n_heads=2, depth=2, context=8, **kwargs)
-    with pytest.raises(ValueError, match="use placement='deepnorm'"):
-        Block(16, 2, 64, "pre", alpha=2.0)
+    with pytest.raises(ValueError, match="DeepNorm's layer is DeepNormBlock"):
+        Block(16, 2, 64, "deepnorm")
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        DeepNormBlock(16, 2, 64, alpha=0.0)

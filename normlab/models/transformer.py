@@ -109,21 +109,14 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """One Transformer layer: attention and FFN sublayers, each with a residual connection and a norm
-    placed after the add (`"post"`), at the sublayer's input (`"pre"`), or after an add whose residual
-    is weighted by `alpha` (`"deepnorm"`: $\\mathrm{LN}(\\alpha x + F(x))$; `alpha` is a constant, not a
-    parameter, so the state_dict is post-LN's)."""
+    placed after the add (`"post"`) or at the sublayer's input (`"pre"`). DeepNorm's layer is `DeepNormBlock`."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, placement: str = "pre", norm: str = "ln",
-                 alpha: float = 1.0):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, placement: str = "pre", norm: str = "ln"):
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        if alpha != 1.0 and placement != "deepnorm":
-            raise ValueError(f"alpha (the residual weight) is DeepNorm's: use placement='deepnorm', "
-                             f"not {placement!r}, or leave alpha=1")
-        self.placement, self.alpha = placement, float(alpha)
+        if placement not in ("post", "pre"):
+            hint = ": DeepNorm's layer is DeepNormBlock(d_model, n_heads, d_ff, norm, alpha)" if placement == "deepnorm" else ""
+            raise ValueError(f"placement must be 'post' or 'pre', got {placement!r}{hint}")
+        self.placement = placement
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ffn = FeedForward(d_model, d_ff)
         self.norm1 = make_norm(norm, d_model)
@@ -133,12 +126,25 @@ class Block(nn.Module):
         if self.placement == "post":  # x = LN(x + F(x)): the residual stream itself is normalized
             x = self.norm1(x + self.attn(x))
             return self.norm2(x + self.ffn(x))
-        if self.placement == "deepnorm":  # x = LN(alpha x + F(x)): post-LN with the residual up-weighted
-            x = self.norm1(self.alpha * x + self.attn(x))
-            return self.norm2(self.alpha * x + self.ffn(x))
         # x = x + F(LN(x)): an identity path runs from the embedding to the head
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
+
+
+class DeepNormBlock(Block):
+    """DeepNorm's layer (Wang et al. 2022): post-LN with the residual weighted by `alpha`,
+    $x \\leftarrow \\mathrm{LN}(\\alpha x + F(x))$ for both sublayers. `alpha` is a constant, not a parameter,
+    so the state_dict is post-LN's; DeepNorm's init (beta) is the model's (`Transformer.reset_parameters`)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str = "ln", alpha: float = 1.0):
+        super().__init__(d_model, n_heads, d_ff, "post", norm)
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        self.placement, self.alpha = "deepnorm", float(alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(self.alpha * x + self.attn(x))
+        return self.norm2(self.alpha * x + self.ffn(x))
 
 
 class Transformer(nn.Module):
@@ -191,7 +197,8 @@ class Transformer(nn.Module):
         self.deepnorm_alpha, self.deepnorm_beta = float(alpha), float(beta)  # 1, 1 unless DeepNorm
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, placement, norm, alpha=self.deepnorm_alpha)
+        self.blocks = nn.ModuleList(DeepNormBlock(d_model, n_heads, d_ff, norm, self.deepnorm_alpha)
+                                    if placement == "deepnorm" else Block(d_model, n_heads, d_ff, placement, norm)
                                     for _ in range(depth))
         # Pre-LN's residual stream grows with depth and is never normalized: normalize it once before the
         # head (GPT-2; Xiong et al. 2020). Post-LN's (and DeepNorm's) last block already ends in a norm.
