@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from normlab import norms
 from normlab.experiments import prepost_ln
-from normlab.models.transformer import (Block, Transformer, describe, flops_per_token, num_params,
+from normlab.models.transformer import (Block, DeepNormBlock, Transformer, describe, flops_per_token, num_params,
                                         param_count_formula)
 
 CASES = [("post", "layernorm"), ("pre", "layernorm"), ("post", "rmsnorm"), ("pre", "rmsnorm")]
@@ -222,3 +222,90 @@ def test_char_split_is_contiguous_and_complete():
     assert "".join(vocab[i] for i in val[-20:].tolist()) == text[-20:]
     with pytest.raises(ValueError, match="val_fraction"):
         char_split(1.0)
+
+
+# ------------------------------------------------------------------------------------------- DeepNorm
+
+def test_deepnorm_constants_are_the_papers_decoder_only_values():
+    """Wang et al. (2022), Figure 2: decoder-only alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
+    from normlab.models.transformer import deepnorm_constants
+
+    assert deepnorm_constants(1) == pytest.approx((2 ** 0.25, 8 ** -0.25))
+    alpha, beta = deepnorm_constants(6)
+    assert alpha == pytest.approx(1.861209718) and beta == pytest.approx(0.379917843)
+    assert deepnorm_constants(24) == pytest.approx((48 ** 0.25, 192 ** -0.25))
+    model = small("deepnorm", depth=12)
+    assert (model.deepnorm_alpha, model.deepnorm_beta) == deepnorm_constants(12)
+    assert all(b.alpha == model.deepnorm_alpha for b in model.blocks)
+    with pytest.raises(ValueError, match="number of layers"):
+        deepnorm_constants(0)
+
+
+def test_deepnorm_init_scales_ffn_value_and_output_by_beta():
+    """W^1, W^2, W^V, W^O are post-LN's Xavier draws times beta; W^Q, W^K, embeddings, head unchanged."""
+    post, deep = small("post", "layernorm").float(), small("deepnorm", "layernorm").float()  # as drawn
+    beta, d = deep.deepnorm_beta, 16
+    assert 0 < beta < 1
+    for bp, bd in zip(post.blocks, deep.blocks):
+        for name in ("w1", "w2"):
+            assert torch.equal(getattr(bd.ffn, name).weight, getattr(bp.ffn, name).weight * beta)
+        assert torch.equal(bd.attn.proj.weight, bp.attn.proj.weight * beta)
+        assert torch.equal(bd.attn.qkv.weight[2 * d:], bp.attn.qkv.weight[2 * d:] * beta)  # W^V
+        assert torch.equal(bd.attn.qkv.weight[:2 * d], bp.attn.qkv.weight[:2 * d])  # W^Q, W^K
+    for name in ("tok_emb.weight", "pos_emb.weight", "head.weight"):
+        assert torch.equal(deep.state_dict()[name], post.state_dict()[name])
+
+
+def test_deepnorm_with_alpha_beta_one_is_post_ln():
+    """Same state_dict keys and values and the same logits, bit for bit."""
+    post = small("post", "layernorm")
+    deep = small("deepnorm", "layernorm", deepnorm_alpha=1.0, deepnorm_beta=1.0)
+    sp, sd = post.state_dict(), deep.state_dict()
+    assert list(sp) == list(sd) and all(torch.equal(sp[k], sd[k]) for k in sp)
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(post(idx), deep(idx))
+    # and with the paper's alpha the output does change
+    assert not torch.allclose(post(idx), small("deepnorm", deepnorm_beta=1.0)(idx))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_deepnorm_block_matches_hand_written_reference(norm):
+    """x = LN(alpha x + Attn(x)), then LN(alpha x + FFN(x))."""
+    torch.manual_seed(0)
+    alpha = 1.7
+    block = DeepNormBlock(16, 2, 64, norm, alpha=alpha).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    h = block.norm1(alpha * x + reference_attention(block.attn, x))
+    expected = block.norm2(alpha * h + block.ffn.w2(torch.relu(block.ffn.w1(h))))
+    torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_existing_placements_keep_their_state_dict_keys():
+    """DeepNorm adds no parameters or buffers, and post/pre keep the keys the recorded runs were saved with."""
+    block_keys = [f"blocks.0.{m}.{p}" for m in ("attn.qkv", "attn.proj", "ffn.w1", "ffn.w2") for p in ("weight", "bias")]
+    block_keys += [f"blocks.0.{n}.{p}" for n in ("norm1", "norm2") for p in ("weight", "bias")]
+    head = ["head.weight", "head.bias"]
+    for placement, extra in (("post", []), ("pre", ["final_norm.weight", "final_norm.bias"]), ("deepnorm", [])):
+        keys = set(small(placement, depth=1).state_dict())
+        assert keys == {"tok_emb.weight", "pos_emb.weight", *block_keys, *extra, *head}, placement
+    model = small("deepnorm", depth=2)
+    assert num_params(model) == param_count_formula(11, 16, 2, 64, 12, "deepnorm", "layernorm")
+    assert "DeepNorm (post-LN, alpha 1.41, beta 0.5)" in describe(model)
+    assert describe(small("post")).startswith("post-LN with LayerNorm")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"placement": "post", "deepnorm_alpha": 2.0}, "only apply to placement='deepnorm'"),
+    ({"placement": "deepnorm", "deepnorm_beta": 0.0}, "deepnorm_beta must be a positive"),
+    ({"placement": "deepnorm", "deepnorm_alpha": -1.0}, "alpha must be a positive"),
+    ({"placement": "middle"}, r"one of \('post', 'pre', 'deepnorm'\)"),
+])
+def test_deepnorm_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Transformer(11, d_model=16, n_heads=2, depth=2, context=8, **kwargs)
+    with pytest.raises(ValueError, match="DeepNorm's layer is DeepNormBlock"):
+        Block(16, 2, 64, "deepnorm")
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        DeepNormBlock(16, 2, 64, alpha=0.0)

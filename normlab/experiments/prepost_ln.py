@@ -12,17 +12,38 @@ Three studies on a character-level GPT-style model (`normlab.models.transformer.
 
 Data: Tiny Shakespeare, characters as tokens, the first 90% for training and the last 10% for
 validation; losses are in nats per character.
+
+The profiles `smoke`, `cpu` and `full` run the three studies above, one seed each. The converged
+profiles replace studies 2 and 3 with a design whose every choice is recorded:
+
+- `cpu_converged`: the **grid**, Xiong et al.'s Figure as a sweep: post- and pre-LN (LayerNorm) x peak
+  lr x warmup (0 or `WARMUP` steps) at depth 6, plus a pre-RMSNorm line and a DeepNorm line
+  {cite}`wang2022deepnet` at every lr (with warmup); 3 seeds per cell, 5 at the lrs where the
+  placements' best lie and their differences are small. Each run is trained long enough to reach
+  below 1.8 nats/char and evaluated every `STEPS // 20` steps, so `flatness` can say how much the
+  curve still moves. And the gradients at init (study 1) for post, pre and DeepNorm, 5 seeds.
+- `cpu_converged_depth`: the **depth study**, depths 6, 12, 24 for post, pre and DeepNorm, each
+  placement at its best lr (`best_lrs`) of the recorded `cpu_converged` grid with warmup (so it is
+  recorded after that grid, which it reads: `depth_lrs`); 3 seeds. And the **budget** check: post and
+  pre at depth 6 with twice the steps (`budget_gain`).
+- `smoke_converged`: both in seconds, for the tests.
+
+Readers of a converged record (the chapter's cells): `grid_table`, `best_lrs`, `post_minus_pre`,
+`rms_minus_ln`, `depth_table`, `flatness`, `budget_gain`; differences are `normlab.stats.Interval`s,
+paired by seed. `measure_tokens_per_s` and `cost_estimate` size a profile.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import statistics
 from typing import Any
 
 import torch
 
 from normlab.models.transformer import Transformer
+from normlab.stats import Interval, paired_difference
 from normlab.tasks import CharLM
 from normlab.train import Trainer, TrainConfig, log_grad_norm
 from normlab.utils import seed_all
@@ -58,16 +79,67 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
+# The converged profiles (see the module docstring). Sizes from measured costs (`measure_tokens_per_s`, one
+# thread of a shared 2-core AMD EPYC, so pessimistic): at batch 16 x context 64 a depth-6 model trains at
+# ~21k tokens/s, depth 12 at ~10.6k, depth 24 at ~5.2k, so a depth-6 run of 3000 steps takes ~2.6 min and
+# the two profiles together ~7.4 CPU-hours (`cost_estimate`). Pilots of pre-LN with warmup (one seed, not
+# recorded: they set only these sizes and where the extra seeds go; the lrs the chapter reads come from the
+# recorded grid): batch 16 x 3000 steps at lr 3e-3 ended at 1.695 nats/char, batch 32 x 1500 steps (same
+# tokens and time) at 1.738 (lr 3e-3) and 1.691 (lr 1e-2), 1.822 at lr 1e-3 even after 2400 steps; each
+# curve still fell ~0.05 over its last 20% (what `flatness` and the budget check measure).
+STEPS, WARMUP = 3000, 300
+_CONVERGED = {"model": {"d_model": 64, "n_heads": 4, "context": 64}, "batch_size": 16, "val_fraction": 0.1,
+              "eval_windows": 512}
+_CURVE = {"steps": STEPS, "eval_every": STEPS // 20, "log_every": STEPS // 60}
+PROFILES.update({
+    # the lr x warmup x placement grid at depth 6 (Xiong et al.'s Figure), pre-RMSNorm and DeepNorm lines,
+    # and the gradients at init
+    "cpu_converged": {
+        **_CONVERGED,
+        "grad_at_init": {"depths": [6, 12, 24], "placements": ["post", "pre", "deepnorm"], "seeds": [0, 1, 2, 3, 4],
+                         "batches": 8},
+        "grid": {"depth": 6, **_CURVE, "placements": ["post", "pre"], "lrs": [1e-3, 3e-3, 1e-2, 3e-2],
+                 "warmup_steps": [0, WARMUP], "seeds": [0, 1, 2], "more_seeds": {"lrs": [3e-3, 1e-2], "seeds": [3, 4]},
+                 "lines": [{"placement": "pre", "norm": "rmsnorm", "warmup_steps": WARMUP},
+                           {"placement": "deepnorm", "norm": "layernorm", "warmup_steps": WARMUP}]},
+    },
+    # depth 6, 12, 24 for post, pre, DeepNorm, each at its best lr of the recorded cpu_converged grid (so
+    # recorded after it), and twice the steps at depth 6: the check that the budget has converged
+    "cpu_converged_depth": {
+        **_CONVERGED,
+        "depth_study": {"depths": [6, 12, 24], "placements": ["post", "pre", "deepnorm"], "warmup_steps": WARMUP,
+                        "seeds": [0, 1, 2], "lr_from": "cpu_converged", **_CURVE},
+        "budget": {"depth": 6, "placements": ["post", "pre"], "seeds": [0, 1, 2], "steps": 2 * STEPS,
+                   "eval_every": STEPS // 10, "log_every": STEPS // 30},
+    },
+    # both converged profiles in one, in seconds: every code path of theirs (readers included)
+    "smoke_converged": {
+        "model": {"d_model": 32, "n_heads": 2, "context": 32}, "batch_size": 8, "val_fraction": 0.1, "eval_windows": 64,
+        "grad_at_init": {"depths": [2], "placements": ["post", "pre", "deepnorm"], "seeds": [0, 1], "batches": 2},
+        "grid": {"depth": 2, "steps": 12, "eval_every": 3, "log_every": 3, "placements": ["post", "pre"],
+                 "lrs": [1e-3, 1e-2], "warmup_steps": [0, 4], "seeds": [0, 1], "more_seeds": {"lrs": [1e-3], "seeds": [2]},
+                 "lines": [{"placement": "pre", "norm": "rmsnorm", "warmup_steps": 4},
+                           {"placement": "deepnorm", "norm": "layernorm", "warmup_steps": 4}]},
+        "depth_study": {"depths": [2, 3], "placements": ["post", "pre", "deepnorm"], "warmup_steps": 4, "seeds": [0, 1],
+                        "lr": {"post": 1e-3, "pre": 1e-2, "deepnorm": 1e-3}, "steps": 12, "eval_every": 3,
+                        "log_every": 3},
+        "budget": {"depth": 2, "placements": ["post", "pre"], "seeds": [0, 1], "steps": 24, "eval_every": 6,
+                   "log_every": 6},
+    },
+})
+
 
 def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per run: `study`, `placement`, `norm`, `depth` (+ `lr`, `warmup_steps` for training), `seed`."""
     out: list[dict[str, Any]] = []
-    g = config["grad_at_init"]
+    g = config.get("grad_at_init", {"depths": []})
     for depth in g["depths"]:
         for placement in g["placements"]:
             for seed in g["seeds"]:
                 out.append({"study": "grad_at_init", "placement": placement, "norm": "layernorm",
                             "depth": depth, "seed": seed})
+    if "grid" in config or "depth_study" in config:  # the converged profiles (see `converged_runs`)
+        return out + converged_runs(config)
     t = config["train"]
     for lr in t["lrs"]:
         for placement, norm in [("post", "layernorm"), ("pre", "layernorm")]:
@@ -87,6 +159,96 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
             for seed in d["seeds"]:
                 out.append({"study": "depth", "placement": placement, "norm": "layernorm", "depth": depth,
                             "lr": d["lr"], "warmup_steps": 0, "seed": seed})
+    return out
+
+
+TRAINED_STUDIES = ("train", "depth", "grid", "depth_study", "budget")
+
+
+def converged_runs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The converged profiles' trained runs: the `grid`, the `depth_study` and the `budget` check.
+
+    - `grid`: every `lrs` x `warmup_steps` x `placements` cell (LayerNorm) at `depth`, plus each of
+      `lines` (a placement and norm at one warmup: pre-RMSNorm, DeepNorm) at every lr; seeds `seeds`,
+      and `more_seeds["seeds"]` too at the lrs `more_seeds["lrs"]` (where the differences are small).
+    - `depth_study`: `placements` x `depths` at warmup `warmup_steps`, each placement at its lr from
+      `depth_lrs(config)` (given, or the best of a recorded grid).
+    - `budget`: each of `placements` at its depth-study cell at `depth` with `steps` (more) steps, the
+      check that the depth study's budget has converged (`budget_gain`).
+    """
+    out: list[dict[str, Any]] = []
+    g = config.get("grid")
+    if g:
+        more = g.get("more_seeds", {"lrs": [], "seeds": []})
+        lines = [(p, "layernorm", w) for p in g["placements"] for w in g["warmup_steps"]]
+        lines += [(line["placement"], line["norm"], line["warmup_steps"]) for line in g.get("lines", [])]
+        for lr in g["lrs"]:
+            seeds = list(g["seeds"]) + (list(more["seeds"]) if lr in more["lrs"] else [])
+            for placement, norm, warmup in lines:
+                for seed in seeds:
+                    out.append({"study": "grid", "placement": placement, "norm": norm, "depth": g["depth"],
+                                "lr": lr, "warmup_steps": warmup, "seed": seed})
+    d = config.get("depth_study")
+    if d:
+        lrs = depth_lrs(config)
+        for placement in d["placements"]:
+            for depth in d["depths"]:
+                for seed in d["seeds"]:
+                    out.append({"study": "depth_study", "placement": placement, "norm": "layernorm", "depth": depth,
+                                "lr": lrs[placement], "warmup_steps": d["warmup_steps"], "seed": seed})
+        b = config.get("budget")
+        if b:
+            if b["depth"] not in d["depths"]:
+                raise ValueError(f"budget depth {b['depth']} is not among the depth study's depths {d['depths']}: "
+                                 "the longer runs are compared with the depth study's runs at that depth")
+            for placement in b["placements"]:
+                for seed in b["seeds"]:
+                    out.append({"study": "budget", "placement": placement, "norm": "layernorm", "depth": b["depth"],
+                                "lr": lrs[placement], "warmup_steps": d["warmup_steps"], "steps": b["steps"],
+                                "seed": seed})
+    elif config.get("budget"):
+        raise ValueError("a budget check needs a depth_study in the same profile (it reruns its cells for longer)")
+    return out
+
+
+def depth_lrs(config: dict[str, Any]) -> dict[str, float]:
+    """`{placement: lr}` of the depth study: `depth_study["lr"]` as given, or, with `depth_study["lr_from"]`
+    naming a profile, each placement's best lr (`best_lrs`) at the depth study's warmup in that profile's
+    recorded grid (`results/prepost_ln/<lr_from>.json`, which must be complete and of the same model)."""
+    d = config["depth_study"]
+    if ("lr" in d) == ("lr_from" in d):
+        raise ValueError("depth_study needs exactly one of 'lr' ({placement: lr}) or 'lr_from' (the profile whose "
+                         "recorded grid picks each placement's lr)")
+    if "lr" in d:
+        missing = [p for p in d["placements"] if p not in d["lr"]]
+        if missing:
+            raise ValueError(f"depth_study['lr'] has no lr for {missing}: give one per placement")
+        return {p: d["lr"][p] for p in d["placements"]}
+    from normlab import results
+
+    path = results.result_path("prepost_ln", d["lr_from"])
+    fix = f"record it first: `python -m normlab run prepost_ln --profile {d['lr_from']}`"
+    if not path.exists():
+        raise ValueError(f"the depth study takes its learning rates from the grid in {path}, which does not exist: {fix}")
+    grid = results.load_path(path)
+    if not grid.get("complete", True):
+        raise ValueError(f"the grid in {path} is still being recorded ({len(grid['runs'])} runs so far): {fix}")
+    theirs = {**{k: grid["config"].get(k) for k in ("model", "batch_size", "val_fraction")},
+              "steps": grid["config"].get("grid", {}).get("steps")}
+    for key, value in theirs.items():
+        mine = d["steps"] if key == "steps" else config.get(key)
+        if value != mine:
+            raise ValueError(f"the grid in {path} was recorded with {key}={value!r}, this profile uses {mine!r}: "
+                             "its learning rates belong to another model or budget; record a grid with this "
+                             "profile's settings")
+    best = best_lrs(grid)
+    out = {}
+    for p in d["placements"]:
+        lr = best.get((p, "layernorm", d["warmup_steps"]))
+        if lr is None:
+            raise ValueError(f"the grid in {path} has no {p} cell at warmup {d['warmup_steps']} that trained without "
+                             "diverging: add the placement (or a smaller lr) to the grid, or give depth_study['lr']")
+        out[p] = lr
     return out
 
 
@@ -143,11 +305,11 @@ def train(run: dict[str, Any], config: dict[str, Any], device: torch.device, pro
           checkpoint=None) -> dict[str, Any]:
     """Adam (β = 0.9, 0.98; Xiong et al. 2020) from Xavier init, no dropout, no clipping, no weight decay;
     linear warmup over `warmup_steps`, then linear decay to zero."""
-    study = config["train"] if run["study"] == "train" else config["depth"]
+    study = config[run["study"]]
     seed_all(run["seed"])
     vocab = char_data(config["val_fraction"])[2]
     model = build(run, config, len(vocab), device)
-    tc = TrainConfig(steps=study["steps"], epochs=None, batch_size=config["batch_size"], optimizer="adamw",
+    tc = TrainConfig(steps=run.get("steps", study["steps"]), epochs=None, batch_size=config["batch_size"], optimizer="adamw",
                      lr=run["lr"], betas=(0.9, 0.98), adam_eps=1e-8, weight_decay=0.0, schedule="linear",
                      warmup=run["warmup_steps"], eval_every=study["eval_every"], log_every=study["log_every"],
                      seed=run["seed"])
@@ -166,9 +328,13 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device, p
             checkpoint=None) -> dict[str, Any]:
     if run["study"] == "grad_at_init":
         return grad_at_init(run, config, device)
-    if run["study"] in ("train", "depth"):
+    if run["study"] in TRAINED_STUDIES:
+        if run["study"] not in config:
+            raise ValueError(f"run {run!r} is of the {run['study']!r} study, which this profile's config does not "
+                             f"have (it has {sorted(k for k in config if k in TRAINED_STUDIES)}): pass the "
+                             "config of the profile the run came from")
         return train(run, config, device, progress, checkpoint)
-    raise ValueError(f"unknown study {run['study']!r}; expected grad_at_init, train or depth")
+    raise ValueError(f"unknown study {run['study']!r}; expected grad_at_init or one of {', '.join(TRAINED_STUDIES)}")
 
 
 # --------------------------------------------------------------------------------- reading a record
@@ -185,3 +351,213 @@ def depth_runs(record: dict[str, Any]) -> list[dict[str, Any]]:
                 and (c["depth"], c["placement"], r["seed"]) not in have):
             out.append(r)
     return sorted(out, key=lambda r: (r["config"]["depth"], r["config"]["placement"], r["seed"]))
+
+
+# ------------------------------------------------------------- reading a converged record (the chapter)
+
+CELL = ("placement", "norm", "depth", "lr", "warmup_steps")
+
+
+def _final(run: dict[str, Any]) -> float | None:
+    """The run's final validation loss, or None if it diverged."""
+    m = run["metrics"]
+    return None if m.get("diverged") or m.get("val_loss") is None else m["val_loss"]
+
+
+def _cells(record: dict[str, Any], study: str) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """`{(placement, norm, depth, lr, warmup_steps): {seed: run}}` of one study, in recorded order."""
+    out: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in record["runs"]:
+        if r["config"]["study"] == study:
+            out.setdefault(tuple(r["config"][k] for k in CELL), {})[r["seed"]] = r
+    if not out:
+        studies = sorted({r["config"]["study"] for r in record["runs"]})
+        raise ValueError(f"the record ({record.get('profile')!r}) has no {study!r} runs (it has {studies}): load a "
+                         f"converged profile (cpu_converged for the grid, cpu_converged_depth for the depth study)")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def unigram_loss(val_fraction: float = 0.1) -> float:
+    """Cross-entropy (nats/char) of predicting the training text's character frequencies: a run whose
+    validation loss stays there has learned nothing from context."""
+    train_ids = char_data(val_fraction)[0]
+    freq = torch.bincount(train_ids).double() / len(train_ids)
+    freq = freq[freq > 0]
+    return float(-(freq * freq.log()).sum())
+
+
+def grid_table(record: dict[str, Any], study: str = "grid", stuck_above: float | None = None) -> list[dict[str, Any]]:
+    """One row per cell of `study` ("grid", "depth_study" or "budget"), sorted by placement, norm, depth, warmup, lr.
+
+    Each row: the cell's `placement`, `norm`, `depth`, `lr`, `warmup_steps`; `n` (seeds), `n_diverged`
+    (non-finite loss, or worse than a uniform guess), `n_stuck` (finished but at or above `stuck_above`,
+    default the unigram loss minus 0.05: it learned the character frequencies only); and the final
+    validation loss over the seeds that did not diverge: `mean`, `sd` (None below 2 seeds), `min`, `max`
+    (all None when every seed diverged), `values` (`{seed: loss or None}`).
+    """
+    stuck_above = unigram_loss(record["config"]["val_fraction"]) - 0.05 if stuck_above is None else stuck_above
+    rows = []
+    for cell, by_seed in _cells(record, study).items():
+        values = {seed: _final(r) for seed, r in sorted(by_seed.items())}
+        ok = [v for v in values.values() if v is not None]
+        rows.append({**dict(zip(CELL, cell)), "n": len(values), "n_diverged": len(values) - len(ok),
+                     "n_stuck": sum(v >= stuck_above for v in ok),
+                     "mean": statistics.fmean(ok) if ok else None, "sd": statistics.stdev(ok) if len(ok) > 1 else None,
+                     "min": min(ok, default=None), "max": max(ok, default=None), "values": values})
+    return sorted(rows, key=lambda r: (r["placement"], r["norm"], r["depth"], r["warmup_steps"], r["lr"]))
+
+
+def best_lrs(record: dict[str, Any], study: str = "grid") -> dict[tuple[str, str, int], float | None]:
+    """`{(placement, norm, warmup_steps): lr}`: each line's lr with the lowest mean final validation loss
+    among its cells in which no seed diverged (None if every lr diverged somewhere). Ties: the smaller lr.
+
+    The differences read at these lrs (`post_minus_pre`, `rms_minus_ln`) use the same seeds that chose
+    them, which favours each side a little, and both sides alike."""
+    best: dict[tuple[str, str, int], dict[str, Any] | None] = {}
+    for row in grid_table(record, study, stuck_above=math.inf):  # sorted by lr within a line
+        key = (row["placement"], row["norm"], row["warmup_steps"])
+        if row["n_diverged"] == 0 and (best.get(key) is None or row["mean"] < best[key]["mean"]):
+            best[key] = row
+        else:
+            best.setdefault(key, None)
+    return {key: None if row is None else row["lr"] for key, row in best.items()}
+
+
+def _paired(record: dict[str, Any], a: tuple, b: tuple, study_a: str = "grid", study_b: str = "grid") -> Interval:
+    """`paired_difference` of final validation losses, cell `a` minus cell `b`, over their common seeds."""
+    ca, cb = _cells(record, study_a).get(a), _cells(record, study_b).get(b)
+    for cell, runs_, study in ((a, ca, study_a), (b, cb, study_b)):
+        if runs_ is None:
+            raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
+        bad = [seed for seed, r in runs_.items() if _final(r) is None]
+        if bad:
+            raise ValueError(f"{study} cell {dict(zip(CELL, cell))} diverged at seeds {bad}: a difference of final "
+                             "losses needs every seed to finish; report the divergence instead")
+    seeds = [s for s in ca if s in cb]
+    return paired_difference({s: _final(ca[s]) for s in seeds}, {s: _final(cb[s]) for s in seeds})
+
+
+def post_minus_pre(record: dict[str, Any]) -> dict[int, Interval]:
+    """`{warmup_steps: Interval}`: post-LN minus pre-LN final validation loss (nats/char), paired by seed,
+    each placement at its own best lr (`best_lrs`) for that warmup. Positive: pre-LN is better."""
+    g, best = record["config"]["grid"], best_lrs(record)
+    out = {}
+    for w in g["warmup_steps"]:
+        lrs = {p: best.get((p, "layernorm", w)) for p in ("post", "pre")}
+        if None in lrs.values():
+            raise ValueError(f"at warmup {w} no lr trained {[p for p, v in lrs.items() if v is None]} without "
+                             "divergence: there is no best lr to compare at")
+        out[w] = _paired(record, ("post", "layernorm", g["depth"], lrs["post"], w),
+                         ("pre", "layernorm", g["depth"], lrs["pre"], w))
+    return out
+
+
+def rms_minus_ln(record: dict[str, Any]) -> Interval:
+    """Pre-RMSNorm minus pre-LayerNorm final validation loss, paired by seed, at pre-LayerNorm's best lr
+    at the RMSNorm line's warmup (claim C25, "RMSNorm matches LayerNorm": judge it with
+    `verdict(iv, direction="equivalent", margin=...)`, a margin chosen before looking)."""
+    g = record["config"]["grid"]
+    lines = [line for line in g.get("lines", []) if (line["placement"], line["norm"]) == ("pre", "rmsnorm")]
+    if not lines:
+        raise ValueError("this grid has no pre-RMSNorm line (grid['lines']): it cannot compare RMSNorm with LayerNorm")
+    w = lines[0]["warmup_steps"]
+    lr = best_lrs(record).get(("pre", "layernorm", w))
+    if lr is None:
+        raise ValueError(f"pre-LN diverged at every lr with warmup {w}: no best lr to compare RMSNorm at")
+    return _paired(record, ("pre", "rmsnorm", g["depth"], lr, w), ("pre", "layernorm", g["depth"], lr, w))
+
+
+def depth_table(record: dict[str, Any], stuck_above: float | None = None) -> list[dict[str, Any]]:
+    """The depth study, one row per (placement, depth), sorted so: `grid_table`'s rows (final validation
+    loss `mean`/`sd`/`min`/`max` over seeds, `n`, `n_diverged`, `n_stuck`, the `lr` used)."""
+    rows = grid_table(record, "depth_study", stuck_above)
+    return sorted(rows, key=lambda r: (PLACEMENT_ORDER.get(r["placement"], 9), r["depth"]))
+
+
+PLACEMENT_ORDER = {"post": 0, "pre": 1, "deepnorm": 2}
+
+
+def flatness(record: dict[str, Any], study: str = "grid", fraction: float = 0.2) -> list[dict[str, Any]]:
+    """Has training stopped moving? Per cell of `study`, the change of validation loss over the last
+    `fraction` of training: the final value minus the one at the last evaluation at or before step
+    (1 - fraction) * steps, as an `Interval` over the seeds that did not diverge (paired t; None with
+    fewer than 2). Rows: the cell's keys, `from_step`, `n`, `change`. Negative: still falling.
+
+    With the linear decay to zero the curve flattens at the end partly because the lr does; `budget_gain`
+    (twice the steps) is the direct test of convergence."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie strictly between 0 and 1 (0.2: the last 20% of training), got {fraction!r}")
+    rows = []
+    for cell, by_seed in _cells(record, study).items():
+        start, final, from_step = {}, {}, None
+        for seed, r in by_seed.items():
+            if _final(r) is None:
+                continue
+            cut = (1 - fraction) * r["metrics"]["steps"]
+            before = [h for h in r["history"] if h.get("val_loss") is not None and h["step"] <= cut]
+            if not before:
+                raise ValueError(f"run {r['config']} has no evaluation at or before step {cut:.0f}: record it with "
+                                 "a smaller eval_every, or ask for a larger fraction")
+            start[seed], final[seed], from_step = before[-1]["val_loss"], _final(r), before[-1]["step"]
+        change = paired_difference(final, start) if len(final) >= 2 else None
+        rows.append({**dict(zip(CELL, cell)), "from_step": from_step, "n": len(final), "change": change})
+    return sorted(rows, key=lambda r: (r["placement"], r["norm"], r["depth"], r["warmup_steps"], r["lr"]))
+
+
+def budget_gain(record: dict[str, Any]) -> dict[str, Interval]:
+    """`{placement: Interval}`: final validation loss with the budget check's steps minus with the depth
+    study's, same cell (depth, lr, warmup), paired by seed. Near 0: the depth study's budget has
+    converged; negative: more steps still help, by that much."""
+    out = {}
+    for cell in _cells(record, "budget"):
+        out[cell[0]] = _paired(record, cell, cell, "budget", "depth_study")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the cost
+
+def measure_tokens_per_s(config: dict[str, Any], depth: int, placement: str = "pre", steps: int = 100,
+                         skip: int = 10) -> float:
+    """Training tokens per second (forward, backward, AdamW step) of `config`'s model at `depth` on this
+    machine, timed over `steps` steps after `skip` untimed ones. Set the thread count first
+    (`torch.set_num_threads(1)` for the recordings' single-thread processes)."""
+    import time
+
+    seed_all(0)
+    run = {"placement": placement, "norm": "layernorm", "depth": depth}
+    model = build(run, config, len(char_data(config["val_fraction"])[2]), torch.device("cpu"))
+    tc = TrainConfig(steps=steps + skip, epochs=None, batch_size=config["batch_size"], optimizer="adamw", lr=1e-3,
+                     betas=(0.9, 0.98), weight_decay=0.0, schedule="linear", eval_every=steps + skip)
+    trainer = Trainer(model, lm_task(config), tc)
+    for _ in range(skip):
+        trainer.train_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    return steps * config["batch_size"] * config["model"]["context"] / (time.perf_counter() - t0)
+
+
+def cost_estimate(config: dict[str, Any], tokens_per_s: dict[int, float]) -> dict[str, float]:
+    """The profile's training cost from measured throughputs `{depth: training tokens/s}`: `runs`, `tokens`
+    (training tokens) and `cpu_hours` (one thread each), counting each evaluation's forward pass as a
+    third of a training step per token. Learning rates do not change the cost, so a depth study that takes
+    its lrs from a grid (`lr_from`) is counted without reading it. The gradients at init are left out
+    (seconds)."""
+    if "depth_study" in config and "lr_from" in config["depth_study"]:
+        d = {k: v for k, v in config["depth_study"].items() if k != "lr_from"}
+        config = {**config, "depth_study": {**d, "lr": {p: 0.0 for p in d["placements"]}}}
+    trained = [r for r in runs(config) if r["study"] != "grad_at_init"]
+    missing = sorted({r["depth"] for r in trained} - set(tokens_per_s))
+    if missing:
+        raise ValueError(f"no throughput for depths {missing}: measure them with measure_tokens_per_s(config, depth)")
+    seconds = tokens = 0.0
+    per_step = config["batch_size"] * config["model"]["context"]
+    for r in trained:
+        study = config[r["study"]]
+        steps = r.get("steps", study["steps"])
+        evals = steps // study["eval_every"] + (steps % study["eval_every"] > 0)
+        work = steps * per_step + evals * config["eval_windows"] * config["model"]["context"] / 3
+        tokens += steps * per_step
+        seconds += work / tokens_per_s[r["depth"]]
+    return {"runs": len(trained), "tokens": tokens, "cpu_hours": seconds / 3600}

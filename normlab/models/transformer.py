@@ -13,6 +13,18 @@ stream itself is never normalized:
 and therefore needs one more norm before the output head (`final_norm`). Post-LN's last sublayer
 already ends in an LN, so there `final_norm` is the identity. Xiong et al. (2020), "On Layer
 Normalization in the Transformer Architecture", ICML.
+
+DeepNorm (`placement="deepnorm"`; Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers",
+arXiv:2203.00555, {cite}`wang2022deepnet`) keeps post-LN's placement but up-weights the residual and
+down-scales part of the initialization:
+
+    x_{l+1} = LN(alpha * x_l + G_l(x_l))     for every sublayer G_l (attention and FFN),
+
+with the FFN's two weights and the attention's value and output projections initialized Xavier times
+beta (query and key keep gain 1). For a decoder-only (or encoder-only) model of N layers the paper's
+Figure 2 (its pseudocode and table of constants) gives alpha = (2N)^{1/4} and beta = (8N)^{-1/4};
+the authors' torchscale `Decoder` does the same (residual times (2N)^{1/4}; fc1, fc2, v_proj and
+out_proj divided by (8N)^{1/4}). N counts layers (blocks), each of two sublayers. See `deepnorm_constants`.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from torch.nn import functional as F
 
 from normlab.norms import LayerNorm, RMSNorm, canonical_norm_name, create_norm
 
-PLACEMENTS = ("post", "pre")
+PLACEMENTS = ("post", "pre", "deepnorm")
 NORMS = ("ln", "rms")
 
 
@@ -42,6 +54,20 @@ def make_norm(norm: str, d_model: int) -> nn.Module:
     if name not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return create_norm(name, d_model)
+
+
+def deepnorm_constants(depth: int) -> tuple[float, float]:
+    r"""DeepNorm's $(\alpha, \beta)$ for a decoder-only (or encoder-only) model of `depth` layers:
+    $\alpha = (2N)^{1/4}$ (residual weight), $\beta = (8N)^{-1/4}$ (gain of the FFN, value and output
+    projections' initialization). Wang et al. (2022), DeepNet, Figure 2 (arXiv:2203.00555).
+
+    Example:
+        >>> [round(v, 4) for v in deepnorm_constants(6)]
+        [1.8612, 0.3799]
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int (the number of layers N), got {depth!r}")
+    return (2 * depth) ** 0.25, (8 * depth) ** -0.25
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,12 +109,13 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """One Transformer layer: attention and FFN sublayers, each with a residual connection and a norm
-    placed after the add (`"post"`) or at the sublayer's input (`"pre"`)."""
+    placed after the add (`"post"`) or at the sublayer's input (`"pre"`). DeepNorm's layer is `DeepNormBlock`."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, placement: str = "pre", norm: str = "ln"):
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be 'post' or 'pre', got {placement!r}")
+        if placement not in ("post", "pre"):
+            hint = ": DeepNorm's layer is DeepNormBlock(d_model, n_heads, d_ff, norm, alpha)" if placement == "deepnorm" else ""
+            raise ValueError(f"placement must be 'post' or 'pre', got {placement!r}{hint}")
         self.placement = placement
         self.attn = CausalSelfAttention(d_model, n_heads)
         self.ffn = FeedForward(d_model, d_ff)
@@ -104,6 +131,22 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+class DeepNormBlock(Block):
+    """DeepNorm's layer (Wang et al. 2022): post-LN with the residual weighted by `alpha`,
+    $x \\leftarrow \\mathrm{LN}(\\alpha x + F(x))$ for both sublayers. `alpha` is a constant, not a parameter,
+    so the state_dict is post-LN's; DeepNorm's init (beta) is the model's (`Transformer.reset_parameters`)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, norm: str = "ln", alpha: float = 1.0):
+        super().__init__(d_model, n_heads, d_ff, "post", norm)
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+        self.placement, self.alpha = "deepnorm", float(alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(self.alpha * x + self.attn(x))
+        return self.norm2(self.alpha * x + self.ffn(x))
+
+
 class Transformer(nn.Module):
     """A GPT-style decoder-only language model: token + learned position embeddings, `depth` blocks,
     a final norm (pre-LN only), and a linear head to next-token logits.
@@ -111,6 +154,11 @@ class Transformer(nn.Module):
     Initialization follows Xiong et al. (2020): Xavier-uniform {cite}`glorot2010understanding` for every
     linear weight, zero biases, norms at identity; embeddings N(0, `embedding_std`²), 0.02 as in GPT-2
     (Vaswani et al. scale theirs to unit variance: `embedding_std=1`).
+
+    `placement="deepnorm"` (Wang et al. 2022): post-LN wiring with residual weight `deepnorm_alpha` and
+    the FFN's $W^1$, $W^2$ and attention's $W^V$, $W^O$ initialized Xavier-uniform times
+    `deepnorm_beta`; both default to `deepnorm_constants(depth)`. (DeepNet's pseudocode draws from
+    Xavier-*normal*; uniform has the same variance and keeps `alpha=beta=1` exactly post-LN.)
     """
 
     def __init__(
@@ -124,6 +172,8 @@ class Transformer(nn.Module):
         placement: str = "pre",
         norm: str = "ln",
         embedding_std: float = 0.02,
+        deepnorm_alpha: float | None = None,
+        deepnorm_beta: float | None = None,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_heads", n_heads),
@@ -131,17 +181,27 @@ class Transformer(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be 'post' or 'pre', got {placement!r}")
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement != "deepnorm" and (deepnorm_alpha is not None or deepnorm_beta is not None):
+            raise ValueError(f"deepnorm_alpha/deepnorm_beta only apply to placement='deepnorm', not {placement!r}")
+        alpha, beta = deepnorm_constants(depth) if placement == "deepnorm" else (1.0, 1.0)
+        alpha = alpha if deepnorm_alpha is None else deepnorm_alpha
+        beta = beta if deepnorm_beta is None else deepnorm_beta
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"deepnorm_beta must be a positive finite number, got {beta!r}")
         make_norm(norm, 1)  # validates `norm` before building anything
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.vocab_size, self.d_model, self.n_heads, self.depth, self.d_ff, self.context = (
             vocab_size, d_model, n_heads, depth, d_ff, context)
         self.placement, self.norm, self.embedding_std = placement, norm, embedding_std
+        self.deepnorm_alpha, self.deepnorm_beta = float(alpha), float(beta)  # 1, 1 unless DeepNorm
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(context, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, placement, norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(DeepNormBlock(d_model, n_heads, d_ff, norm, self.deepnorm_alpha)
+                                    if placement == "deepnorm" else Block(d_model, n_heads, d_ff, placement, norm)
+                                    for _ in range(depth))
         # Pre-LN's residual stream grows with depth and is never normalized: normalize it once before the
-        # head (GPT-2; Xiong et al. 2020). Post-LN's last block already ends in a norm.
+        # head (GPT-2; Xiong et al. 2020). Post-LN's (and DeepNorm's) last block already ends in a norm.
         self.final_norm = make_norm(norm, d_model) if placement == "pre" else nn.Identity()
         self.head = nn.Linear(d_model, vocab_size)
         self.reset_parameters()
@@ -161,6 +221,13 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     for w in m.qkv.weight.chunk(3, dim=0):
                         nn.init.xavier_uniform_(w)
+        if self.placement == "deepnorm":  # DeepNet: W^1, W^2, W^V, W^O times beta; W^Q, W^K unchanged
+            with torch.no_grad():
+                for block in self.blocks:
+                    d = self.d_model
+                    for w in (block.ffn.w1.weight, block.ffn.w2.weight, block.attn.qkv.weight[2 * d:],
+                              block.attn.proj.weight):
+                        w.mul_(self.deepnorm_beta)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """`idx`: int64 (batch, time) with time ≤ context → logits (batch, time, vocab)."""
@@ -217,7 +284,9 @@ def describe(model: Transformer) -> str:
     """One line: architecture, parameter count and FLOPs per token."""
     f = flops_per_token(model)
     norm = {"ln": "LayerNorm", "rms": "RMSNorm"}[canonical_norm_name(model.norm)]
-    return (f"{model.placement}-LN with {norm}, depth {model.depth}, d_model {model.d_model}, "
+    where = (f"DeepNorm (post-LN, alpha {model.deepnorm_alpha:.3g}, beta {model.deepnorm_beta:.3g})"
+             if model.placement == "deepnorm" else f"{model.placement}-LN")
+    return (f"{where} with {norm}, depth {model.depth}, d_model {model.d_model}, "
             f"{model.n_heads} heads, d_ff {model.d_ff}, context {model.context}: "
             f"{num_params(model):,} parameters, {f['forward'] / 1e6:.2f} MFLOP/token forward "
             f"({f['train'] / 1e6:.2f} MFLOP/token for a training step)")
