@@ -74,6 +74,17 @@ def test_measured_verdicts_use_the_book_verdict_function():
     assert claims.combine([stats.HOLDS, stats.WITHIN_NOISE]) == "partly"
     assert claims.combine([stats.WITHIN_NOISE, stats.WITHIN_NOISE]) == "within noise"
     assert set(stats.MEASURED_VERDICTS) <= set(claims.VOCABULARY)
+    # alternatives ("10x; elsewhere 3-5x"): one holding is enough; all measured against is needed to refute
+    assert claims.either([stats.DOES_NOT_HOLD, stats.HOLDS]) == "holds"
+    assert claims.either([stats.DOES_NOT_HOLD, stats.WITHIN_NOISE]) == "within noise"
+    assert claims.either([stats.DOES_NOT_HOLD, stats.DOES_NOT_HOLD]) == "does not hold"
+
+
+def test_factor_claims_are_judged_on_a_log_scale():
+    iv = lambda est, lo, hi: stats.Interval(est, lo, hi, 3, "t-log", 0.95)  # noqa: E731
+    assert claims.factor_verdict(iv(9.0, 7.0, 12.0), 10.0) == "holds"          # inside [5, 20]
+    assert claims.factor_verdict(iv(1.5, 0.6, 4.0), 10.0) == "does not hold"   # wholly below 5
+    assert claims.factor_verdict(iv(1.5, 0.6, 4.0), 4.0, within=1.25) == "within noise"
     iv = stats.Interval(-6.0, -9.0, -3.0, 3, "t", 0.95)
     assert claims.interval(iv) == "-6 [-9, -3] (n=3, 95% t)"
 
