@@ -18,6 +18,7 @@ ledger, with the source; a measured entry's verdict is always the computed one.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import statistics
@@ -147,9 +148,8 @@ def factor_verdict(iv: stats.Interval, factor: float, within: float = 2.0) -> st
     return stats.verdict(logs, direction="equivalent", threshold=math.log(factor), margin=math.log(within))
 
 
-def _by_seed(record: dict[str, Any], metric: str, **where: Any) -> dict[int, float]:
-    return {r["seed"]: r["metrics"][metric] for r in results.runs_where(record, **where)
-            if r["metrics"].get(metric) is not None}
+#: `{seed: test error}` of the runs matching the conditions, seeds without a value left out.
+_test_errors = functools.partial(results.by_seed, metric="test_error", drop_missing=True)
 
 
 # --- the measurements ------------------------------------------------------------------------------------
@@ -225,14 +225,14 @@ def bn_small_batches() -> Measured:
     record, path = _gn_record()
     sizes = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
     large = sizes[0]
-    ref = _by_seed(record, "test_error", norm="bn", batch_size=large)
+    ref = _test_errors(record, norm="bn", batch_size=large)
     values, worse = {}, []
     for n in sizes[1:]:
-        iv = stats.paired_difference(_by_seed(record, "test_error", norm="bn", batch_size=n), ref)
+        iv = stats.paired_difference(_test_errors(record, norm="bn", batch_size=n), ref)
         values[f"bn_N{n}_minus_N{large}"] = interval(iv)
         worse.append((n, stats.verdict(iv)))
-    gn_small = statistics.mean(_by_seed(record, "test_error", norm="gn", batch_size=sizes[-1]).values())
-    bn_small = statistics.mean(_by_seed(record, "test_error", norm="bn", batch_size=sizes[-1]).values())
+    gn_small = statistics.mean(_test_errors(record, norm="gn", batch_size=sizes[-1]).values())
+    bn_small = statistics.mean(_test_errors(record, norm="bn", batch_size=sizes[-1]).values())
     values[f"bn_error_N{sizes[-1]}"] = num(bn_small, 3)
     values[f"gn_error_N{sizes[-1]}"] = num(gn_small, 3)
     # The claim has two parts: BN degrades at small N (measured: does the error grow?), and BN "fails"
@@ -248,8 +248,8 @@ def gn_matches_and_beats() -> Measured:
     record, path = _gn_record()
     sizes = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
     large, small = sizes[0], sizes[-1]
-    diff = {n: stats.paired_difference(_by_seed(record, "test_error", norm="gn", batch_size=n),
-                                       _by_seed(record, "test_error", norm="bn", batch_size=n)) for n in (large, small)}
+    diff = {n: stats.paired_difference(_test_errors(record, norm="gn", batch_size=n),
+                                       _test_errors(record, norm="bn", batch_size=n)) for n in (large, small)}
     values = {f"gn_minus_bn_N{large}": interval(diff[large]), f"gn_minus_bn_N{small}": interval(diff[small])}
     matches = stats.verdict(diff[large], direction="equivalent", margin=1.0)
     beats = stats.verdict(diff[small], direction="less")
@@ -263,7 +263,7 @@ def gn_groups() -> Measured:
     """GN's test error by number of groups G (mean over seeds) and the best G, in the groups sweep."""
     record, path = record_path("gn_batch_size_groups")
     groups = sorted({r["config"]["gn_groups"] for r in record["runs"]})
-    mean = {g: statistics.mean(_by_seed(record, "test_error", norm="gn", gn_groups=g).values()) for g in groups}
+    mean = {g: statistics.mean(_test_errors(record, norm="gn", gn_groups=g).values()) for g in groups}
     values = {f"G{g}_error": num(mean[g], 3) for g in groups}
     best = min(mean, key=mean.get)
     values["best_G"] = best
@@ -490,7 +490,7 @@ def sync_bn() -> Measured:
     record, path = record_path("gn_batch_size_sync")
     acc = [r for r in record["runs"] if r["config"].get("study") == "accuracy"]
     sub = {"runs": acc}
-    by = {n: _by_seed(sub, "test_error", norm=n) for n in ("bn", "sbn", "gn")}
+    by = {n: _test_errors(sub, norm=n) for n in ("bn", "sbn", "gn")}
     n_small = acc[0]["config"]["batch_size"]
     vs_bn = stats.paired_difference(by["sbn"], by["bn"])
     vs_gn = stats.paired_difference(by["sbn"], by["gn"])
@@ -665,20 +665,32 @@ def load_ledger(path: Path | None = None) -> list[dict[str, Any]]:
     return entries
 
 
-def stale(entries: list[dict[str, Any]]) -> list[str]:
-    """What the ledger says that its records do not: one line per problem (empty when up to date)."""
+def measure_all() -> dict[str, "Measured | RecordPending"]:
+    """`{id: Measured}` of every function in `MEASURES`, or the `RecordPending` it raised: each measured
+    once, so `stale` and `pending` can share one pass over the records."""
+    out: dict[str, Measured | RecordPending] = {}
+    for cid, fn in MEASURES.items():
+        try:
+            out[cid] = fn()
+        except RecordPending as why:
+            out[cid] = why
+    return out
+
+
+def stale(entries: list[dict[str, Any]], measured: dict[str, Any] | None = None) -> list[str]:
+    """What the ledger says that its records do not: one line per problem (empty when up to date).
+    `measured`: `measure_all()`'s result, if already computed."""
+    measured = measure_all() if measured is None else measured
     problems = []
     for e in entries:
-        fn = MEASURES.get(e["id"])
-        if fn is None:
+        m = measured.get(e["id"])
+        if m is None:
             if e.get("measured"):
                 problems.append(f"{e['id']}: has measured values but no function in normlab.claims.MEASURES")
             continue
-        try:
-            m = fn()
-        except RecordPending as why:
+        if isinstance(m, RecordPending):
             if e.get("measured"):
-                problems.append(f"{e['id']}: has measured values, but its record is pending: {why}")
+                problems.append(f"{e['id']}: has measured values, but its record is pending: {m}")
             continue
         if e.get("measured") != m.as_yaml():
             problems.append(f"{e['id']}: measured is {e.get('measured')!r}, the records give {m.as_yaml()!r}")
@@ -724,15 +736,11 @@ def update(path: Path | None = None) -> list[str]:
     return changed
 
 
-def pending(entries: list[dict[str, Any]] | None = None) -> dict[str, str]:
-    """`{id: why}` for the measured claims whose records are missing or still recording."""
-    out = {}
-    for cid, fn in MEASURES.items():
-        try:
-            fn()
-        except RecordPending as why:
-            out[cid] = str(why)
-    return out
+def pending(measured: dict[str, Any] | None = None) -> dict[str, str]:
+    """`{id: why}` for the measured claims whose records are missing or still recording.
+    `measured`: `measure_all()`'s result, if already computed."""
+    measured = measure_all() if measured is None else measured
+    return {cid: str(m) for cid, m in measured.items() if isinstance(m, RecordPending)}
 
 
 def table(entries: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -751,10 +759,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     entries = load_ledger()
     if args.check:
-        problems = stale(entries)
+        measured = measure_all()
+        problems = stale(entries, measured)
         missing = sorted(set(claim_ids()) - {e["id"] for e in entries})
         problems += [f"{m}: no entry in the ledger" for m in missing]
-        for cid, why in pending().items():
+        for cid, why in pending(measured).items():
             print(f"{cid}: pending ({why})")
         print("\n".join(problems) or f"{len(entries)} entries agree with their records")
         return 1 if problems else 0

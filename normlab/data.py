@@ -503,6 +503,27 @@ def subset(split: Split, n_train: int | None, n_test: int | None, seed: int,
     return Split(trx, try_, tex, tey, split.source)
 
 
+def holdout(split: Split, n_val: int, seed: int, n_train: int | None = None,
+            names: tuple[str, str] = ("n_val", "n_train")) -> tuple[Split, torch.Tensor, torch.Tensor]:
+    """`(split, val_images, val_labels)`: `n_val` training images held out as a validation set, drawn by a
+    `torch.randperm` seeded with `seed` (the same images for every network, lr and run seed), and `split`
+    with the rest of the training images (the next `n_train` of the permutation, None: all of them) in
+    their original order; the test set is unchanged. Learning rates are chosen on the held-out images,
+    never on the test set. `names`: what the caller's configuration calls `n_val` and `n_train`, for the
+    error messages."""
+    n, (val_name, train_name) = len(split.train_labels), names
+    if not 0 < n_val < n:
+        raise ValueError(f"{val_name} must be between 1 and {n - 1} (there are {n} training images), got {n_val}")
+    if n_train is not None and n_val + n_train > n:
+        raise ValueError(f"{val_name} {n_val} + {train_name} {n_train} exceed the {n} training images: "
+                         f"lower {val_name} or {train_name}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val = perm[:n_val]
+    train = (perm[n_val:] if n_train is None else perm[n_val: n_val + n_train]).sort().values
+    return (Split(split.train_images[train], split.train_labels[train], split.test_images, split.test_labels,
+                  split.source), split.train_images[val], split.train_labels[val])
+
+
 def resize(split: Split, size: int) -> Split:
     """Images at `size` x `size`: 28-px Fashion-MNIST zero-padded to 32 first (so CIFAR ResNets' stages
     line up), then a box filter ("area") down to `size`, rounded back to uint8."""

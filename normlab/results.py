@@ -172,5 +172,12 @@ def for_notebook(experiment: str, profile: str) -> dict[str, Any]:
 
 
 def runs_where(record: dict[str, Any], **conditions: Any) -> list[dict[str, Any]]:
-    """The runs whose config matches every `key=value` given."""
+    """The runs whose config matches every `key=value` given (`lr=0.1`, `norm="bn"`, ...)."""
     return [r for r in record["runs"] if all(r["config"].get(k) == v for k, v in conditions.items())]
+
+
+def by_seed(record: dict[str, Any], metric: str, drop_missing: bool = False, **conditions: Any) -> dict[int, Any]:
+    """`{seed: metrics[metric]}` of the runs matching `conditions`: None where a run has no value, or,
+    with `drop_missing`, those seeds left out."""
+    out = {r["seed"]: r["metrics"].get(metric) for r in runs_where(record, **conditions)}
+    return {s: v for s, v in out.items() if v is not None} if drop_missing else out

@@ -69,7 +69,7 @@ def test_sweep_table_rows():
     rows = w.sweep_table(fake_record())
     assert len(rows) == 10
     row = next(r for r in rows if r["variant"] == "ws_gn" and r["lr"] == 0.3)
-    assert row == {"variant": "ws_gn", "lr": 0.3, "val_error": None, "diverged": 1, "chosen": False}
+    assert row == {"variant": "ws_gn", "lr": 0.3, "val_error": None, "n": 1, "diverged": 1, "chosen": False}
     assert [r["lr"] for r in rows if r["chosen"]] == [0.1, 1e-4, 0.03, 0.3]
 
 
@@ -143,7 +143,7 @@ def test_readers_refuse_what_they_cannot_read():
     for r in diverged["runs"]:
         if r["config"]["phase"] == "sweep" and r["config"]["variant"] == "bn":
             r["metrics"]["diverged"] = True
-    with pytest.raises(ValueError, match=r"extend lr_grid\['bn'\] to smaller"):
+    with pytest.raises(ValueError, match=r"smaller learning rates: lr_grid\['bn'\]"):
         w.chosen_lrs(diverged)
     one_seed = fake_record()
     one_seed["runs"] = [r for r in one_seed["runs"] if not (r["config"]["variant"] == "ws" and r["seed"] == 1)]
@@ -198,7 +198,7 @@ def test_a_final_run_needs_its_sweep(tmp_path):
         w.run_one(final, SMOKE, record={"runs": []})
     with pytest.raises(ValueError, match="not a run of this profile"):
         w.run_one({"variant": "bn", "seed": 0}, SMOKE)
-    with pytest.raises(ValueError, match="n_val 60000"):
+    with pytest.raises(ValueError, match="n_val must be between 1 and 59999"):
         w.load_split({**SMOKE, "n_val": 60000})
 
 

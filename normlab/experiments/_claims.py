@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .. import selection
+from ..results import by_seed, runs_where  # noqa: F401 (by_seed: the readers' import)
 from ..stats import Interval, paired_difference
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig
@@ -131,19 +133,13 @@ def steps_to_target(history: list[Mapping[str, Any]], target_error: float, metri
 # ----------------------------------------------------------------------------------- record readers
 
 
-def select(record: Mapping[str, Any], **conditions: Any) -> list[dict[str, Any]]:
-    """The runs whose config has every `key=value` given (`lr=0.1`, `norm="bn"`, ...)."""
-    return [r for r in record["runs"] if all(r["config"].get(k) == v for k, v in conditions.items())]
+#: The runs whose config has every `key=value` given (`normlab.results.runs_where`).
+select = runs_where
 
 
 def grid(record: Mapping[str, Any], key: str, **conditions: Any) -> list[Any]:
     """The sorted distinct values of config `key` among the runs matching `conditions`."""
     return sorted({r["config"][key] for r in select(record, **conditions)})
-
-
-def by_seed(record: Mapping[str, Any], metric: str, **conditions: Any) -> dict[int, Any]:
-    """`{seed: metrics[metric]}` of the runs matching `conditions` (None where the run has no value)."""
-    return {r["seed"]: r["metrics"].get(metric) for r in select(record, **conditions)}
 
 
 def _cell_ok(runs: list[dict[str, Any]], max_error: float | None) -> bool:
@@ -170,22 +166,19 @@ def best_lr(record: Mapping[str, Any], criterion: str = "test_error", target_err
     lrs = grid(record, "lr", **conditions)
     if not lrs:
         raise ValueError(f"no runs with {conditions} in the record: check the names against its config")
-    scores = {}
-    for lr in lrs:
-        runs = select(record, lr=lr, **conditions)
-        if not _cell_ok(runs, None):
-            continue
+    if criterion == "steps_to_target" and target_error is None:
+        raise ValueError("criterion='steps_to_target' needs target_error= (e.g. the config's)")
+
+    def score(r: Mapping[str, Any]) -> float | None:
+        if not _cell_ok([r], None):
+            return None  # diverged: rules its lr out
         if criterion == "test_error":
-            values = [r["metrics"]["test_error"] for r in runs]
-        else:
-            if target_error is None:
-                raise ValueError("criterion='steps_to_target' needs target_error= (e.g. the config's)")
-            steps = (steps_to_target(r["history"], target_error) for r in runs)
-            values = [math.inf if s is None else s for s in steps]
-        scores[lr] = statistics.median(values)
-    if not scores:
-        raise ValueError(f"every lr in {lrs} diverged for {conditions}: extend the grid to smaller learning rates")
-    return min(scores, key=lambda lr: (scores[lr], lr))
+            return r["metrics"]["test_error"]
+        steps = steps_to_target(r["history"], target_error)
+        return math.inf if steps is None else steps
+
+    scores = {lr: [score(r) for r in select(record, lr=lr, **conditions)] for lr in lrs}
+    return selection.choose_lr(scores, str(conditions))
 
 
 def ratio_across_seeds(num: Mapping[int, float], den: Mapping[int, float], *, confidence: float = 0.95) -> Interval:

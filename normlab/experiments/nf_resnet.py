@@ -16,7 +16,7 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   networks, each at its own best learning rate. A held-out validation split of the training images
   (`val_size`, drawn once with `split_seed`) chooses it: every lr of `lrs[model]` is trained once per
   `sweep_seeds` seed, and the lr with the lowest final validation error among the runs that did not
-  diverge (`choose_lr`) is the one the `final` runs train at, once per `final_seeds` seed (seeds the
+  diverge (`normlab.selection.choose_lr`) is the one the `final` runs train at, once per `final_seeds` seed (seeds the
   sweep did not use, so the reported test errors played no part in the choice). A final run needs its
   model's sweep in the record: `run_one` takes `record` and raises `NotReady` until it is there.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import NotReady
+from .. import selection
 from ..nf import NFResNet, PreActResNet, agc_hook, agc_parameters, signal_propagation
 from ..tasks import ImageClassification, channel_stats
 from ..train import Trainer, TrainConfig
@@ -246,25 +248,23 @@ _VAL_CACHE: dict[tuple, tuple] = {}
 
 def _val_split(config: dict[str, Any]):
     """(train_x, train_y, val_x, val_y, test_x, test_y, source) at `image_size`: `val_size` training
-    images drawn once with `split_seed` (the same for every network, lr and seed), the next
-    `train_size` (None: all the rest) to train on, and `test_size` test images (None: all)."""
+    images held out by `normlab.data.holdout` with `split_seed` (the same for every network, lr and
+    seed), the next `train_size` (None: all the rest) to train on, and `test_size` test images (None: all)."""
     from .. import data
 
     key = tuple(config.get(k) for k in ("dataset", "image_size", "val_size", "split_seed", "train_size", "test_size"))
     if key not in _VAL_CACHE:
         full = _dataset(config["dataset"])
         split = data.resize(full, config["image_size"]) if config.get("image_size") else full
-        n, n_val = len(split.train_labels), config["val_size"]
-        if not 0 < n_val < n:
-            raise ValueError(f"val_size must be between 1 and the {n} training images - 1, got {n_val} "
-                             "(fix the profile in normlab/experiments/nf_resnet.py)")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config["split_seed"]))
-        val_idx = perm[:n_val]
-        train_idx = perm[n_val:] if config.get("train_size") is None else perm[n_val: n_val + config["train_size"]]
-        test = data.subset(split, None, config.get("test_size"), seed=0, test_seed=12345)
+        split = data.subset(split, None, config.get("test_size"), seed=0, test_seed=12345)
+        try:
+            train, val_x, val_y = data.holdout(split, config["val_size"], config["split_seed"],
+                                               config.get("train_size"), names=("val_size", "train_size"))
+        except ValueError as e:
+            raise ValueError(f"{e} (fix the profile in normlab/experiments/nf_resnet.py)") from None
         _VAL_CACHE.clear()
-        _VAL_CACHE[key] = (split.train_images[train_idx], split.train_labels[train_idx], split.train_images[val_idx],
-                           split.train_labels[val_idx], test.test_images, test.test_labels, split.source)
+        _VAL_CACHE[key] = (train.train_images, train.train_labels, val_x, val_y, train.test_images,
+                           train.test_labels, split.source)
     return _VAL_CACHE[key]
 
 
@@ -290,16 +290,6 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | 
 # ----------------------------------------------------------------------------------------------------
 
 
-def choose_lr(val_errors: dict[float, list[float | None]]) -> float:
-    """The lr with the lowest mean final validation error; `val_errors` maps each lr to its runs' errors,
-    `None` for a run that diverged (which rules its lr out). Ties go to the smaller lr."""
-    ok = {lr: sum(v) / len(v) for lr, v in val_errors.items() if v and all(e is not None for e in v)}
-    if not ok:
-        raise ValueError(f"every lr of the sweep diverged ({sorted(val_errors)}): add smaller learning rates to "
-                         "the profile's lrs for this network")
-    return min(ok, key=lambda lr: (ok[lr], lr))
-
-
 def _sweep_errors(record: dict[str, Any], model: str) -> dict[float, list[float | None]]:
     """{lr: final validation errors of `model`'s sweep runs at it, None where a run diverged}."""
     out: dict[float, list[float | None]] = {}
@@ -322,7 +312,7 @@ def _lr_for(model: str, config: dict[str, Any], record: dict[str, Any]) -> float
     if missing:
         raise NotReady(f"{model}'s lr sweep lacks lr {missing} ({need} seed(s) each)")
     try:
-        return choose_lr({lr: errors[lr] for lr in grid})
+        return selection.choose_lr({lr: errors[lr] for lr in grid})
     except ValueError as e:
         raise ValueError(f"{model}: {e} (PROFILES[...]['lrs'][{model!r}] in normlab/experiments/nf_resnet.py)") from None
 
@@ -346,18 +336,18 @@ def _finals(record: dict[str, Any], model: str) -> list[dict[str, Any]]:
 
 
 def lr_sweep(record: dict[str, Any]) -> dict[str, dict[float, float | None]]:
-    """`{model: {lr: final validation error (%)}}` of the sweep, the mean over sweep seeds; `None` where a
-    run diverged, `nan` where the lr is not recorded yet."""
+    """`{model: {lr: final validation error (%)}}` of the sweep, the median over sweep seeds
+    (`normlab.selection.lr_table`); `None` where a run diverged, `nan` where the lr is not recorded yet."""
     out = {}
     for arm in _arms(record):
         errors = _sweep_errors(record, arm)
-        out[arm] = {lr: (math.nan if not errors.get(lr) else None if None in errors[lr]
-                         else sum(errors[lr]) / len(errors[lr])) for lr in record["config"]["lrs"][arm]}
+        rows = {row["lr"]: row["score"] for row in selection.lr_table({lr: v for lr, v in errors.items() if v})}
+        out[arm] = {lr: rows.get(lr, math.nan) for lr in record["config"]["lrs"][arm]}
     return out
 
 
 def chosen_lrs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """`{model: {"lr", "val_error", "at_edge"}}`: the lr `choose_lr` picks from the sweep (the one the
+    """`{model: {"lr", "val_error", "at_edge"}}`: the lr `normlab.selection.choose_lr` picks from the sweep (the one the
     final runs trained at; a final run recorded at another lr is an error), its validation error, and
     whether it is the grid's smallest or largest lr (then the grid may not bracket the best one).
     Models whose sweep is incomplete are left out."""
@@ -367,12 +357,12 @@ def chosen_lrs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
         errors = _sweep_errors(record, arm)
         if any(len(errors.get(lr, [])) < len(record["config"]["sweep_seeds"]) for lr in grid):
             continue
-        lr = choose_lr({g: errors[g] for g in grid})
+        lr = selection.choose_lr({g: errors[g] for g in grid})
         used = {r["metrics"].get("lr") for r in _finals(record, arm)} - {lr}
         if used:
             raise ValueError(f"{arm}'s final runs trained at lr {sorted(used)}, but its recorded sweep chooses {lr}: "
                              "the sweep changed after they ran; delete the final runs and record them again")
-        out[arm] = {"lr": lr, "val_error": sum(errors[lr]) / len(errors[lr]), "at_edge": lr in (min(grid), max(grid))}
+        out[arm] = {"lr": lr, "val_error": statistics.median(errors[lr]), "at_edge": selection.edge(lr, grid)}
     return out
 
 
@@ -380,8 +370,6 @@ def final_errors(record: dict[str, Any], metric: str = "test_error") -> dict[str
     """`{model: {"lr", "seeds": {seed: value}, "mean", "sd", "min", "max", "n", "diverged"}}` of `metric`
     over the final runs (diverged runs included, at the error they stopped with; `diverged` counts them).
     `sd` is the sample standard deviation over seeds (None for one seed)."""
-    import statistics
-
     out = {}
     for arm in _arms(record):
         finals = _finals(record, arm)
@@ -433,10 +421,9 @@ def divergence(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_error") -> dict[str, dict[str, Any]]:
     """How much `metric` still moved over the last `fraction` of training, per model's final runs:
     `{model: {"from_epoch", "to_epoch", "seeds": {seed: change}, "mean", "max_abs"}}`, change = value at
-    the end - value at the last evaluation at or before (1 - fraction) of the epochs (negative: still
-    improving). Diverged runs are left out (`divergence` lists them)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    the end - value at the last evaluation at or before (1 - fraction) of the epochs
+    (`normlab.selection.tail_change`; negative: still improving). Diverged runs are left out
+    (`divergence` lists them)."""
     epochs = record["config"]["epochs"]
     out = {}
     for arm in _arms(record):
@@ -444,13 +431,8 @@ def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_
         for r in _finals(record, arm):
             if r["metrics"].get("diverged"):
                 continue
-            rows = [h for h in r["history"] if h.get(metric) is not None]
-            before = [h for h in rows if h["epoch"] <= (1 - fraction) * epochs]
-            if not before or rows[-1]["epoch"] != epochs:
-                raise ValueError(f"{arm} seed {r['seed']}: no {metric} at or before epoch {(1 - fraction) * epochs:g} "
-                                 f"and at the end ({epochs}); record with eval_every <= {max(1, int(fraction * epochs))}")
-            seeds[r["seed"]] = rows[-1][metric] - before[-1][metric]
-            span = (before[-1]["epoch"], rows[-1]["epoch"])
+            start, seeds[r["seed"]] = selection.tail_change(r["history"], metric, fraction, "epoch", end=epochs)
+            span = (start, epochs)
         if seeds:
             v = list(seeds.values())
             out[arm] = {"from_epoch": span[0], "to_epoch": span[1], "seeds": seeds, "mean": sum(v) / len(v),

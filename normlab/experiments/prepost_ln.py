@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from normlab import selection
 from normlab.models.transformer import Transformer
 from normlab.stats import Interval, paired_difference
 from normlab.tasks import CharLM
@@ -409,19 +410,24 @@ def grid_table(record: dict[str, Any], study: str = "grid", stuck_above: float |
 
 
 def best_lrs(record: dict[str, Any], study: str = "grid") -> dict[tuple[str, str, int], float | None]:
-    """`{(placement, norm, warmup_steps): lr}`: each line's lr with the lowest mean final validation loss
-    among its cells in which no seed diverged (None if every lr diverged somewhere). Ties: the smaller lr.
+    """`{(placement, norm, warmup_steps): lr}`: each line's lr by `normlab.selection.choose_lr`, the lowest
+    median final validation loss over seeds among its cells in which no seed diverged (None if every lr
+    diverged somewhere). Ties: the smaller lr.
 
     The differences read at these lrs (`post_minus_pre`, `rms_minus_ln`) use the same seeds that chose
     them, which favours each side a little, and both sides alike."""
-    best: dict[tuple[str, str, int], dict[str, Any] | None] = {}
-    for row in grid_table(record, study, stuck_above=math.inf):  # sorted by lr within a line
-        key = (row["placement"], row["norm"], row["warmup_steps"])
-        if row["n_diverged"] == 0 and (best.get(key) is None or row["mean"] < best[key]["mean"]):
-            best[key] = row
-        else:
-            best.setdefault(key, None)
-    return {key: None if row is None else row["lr"] for key, row in best.items()}
+    scores: dict[tuple[str, str, int], dict[float, list[float | None]]] = {}
+    for cell, by_seed in _cells(record, study).items():
+        c = dict(zip(CELL, cell))
+        line = scores.setdefault((c["placement"], c["norm"], c["warmup_steps"]), {})
+        line[c["lr"]] = [_final(r) for _, r in sorted(by_seed.items())]
+    out: dict[tuple[str, str, int], float | None] = {}
+    for key, line in scores.items():
+        try:
+            out[key] = selection.choose_lr(line)
+        except ValueError:  # every lr of the line diverged for some seed
+            out[key] = None
+    return out
 
 
 def _paired(record: dict[str, Any], a: tuple, b: tuple, study_a: str = "grid", study_b: str = "grid") -> Interval:
@@ -486,20 +492,14 @@ def flatness(record: dict[str, Any], study: str = "grid", fraction: float = 0.2)
 
     With the linear decay to zero the curve flattens at the end partly because the lr does; `budget_gain`
     (twice the steps) is the direct test of convergence."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie strictly between 0 and 1 (0.2: the last 20% of training), got {fraction!r}")
     rows = []
     for cell, by_seed in _cells(record, study).items():
         start, final, from_step = {}, {}, None
         for seed, r in by_seed.items():
             if _final(r) is None:
                 continue
-            cut = (1 - fraction) * r["metrics"]["steps"]
-            before = [h for h in r["history"] if h.get("val_loss") is not None and h["step"] <= cut]
-            if not before:
-                raise ValueError(f"run {r['config']} has no evaluation at or before step {cut:.0f}: record it with "
-                                 "a smaller eval_every, or ask for a larger fraction")
-            start[seed], final[seed], from_step = before[-1]["val_loss"], _final(r), before[-1]["step"]
+            from_step, delta = selection.tail_change(r["history"], "val_loss", fraction, "step")
+            start[seed], final[seed] = _final(r) - delta, _final(r)
         change = paired_difference(final, start) if len(final) >= 2 else None
         rows.append({**dict(zip(CELL, cell)), "from_step": from_step, "n": len(final), "change": change})
     return sorted(rows, key=lambda r: (r["placement"], r["norm"], r["depth"], r["warmup_steps"], r["lr"]))

@@ -35,12 +35,12 @@ Readers of such a record (`record = normlab.results.load("wn_ws_training", "cpu_
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any, Mapping
 
 import torch
 
+from .. import data, selection
 from ..models.small import VARIANTS, SmallCNN
 from ..stats import DOES_NOT_HOLD, HOLDS, Interval, paired_difference, verdict
 from ..tasks import ImageClassification
@@ -174,8 +174,6 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 def load_data(config: dict[str, Any]):
     """(train images, train labels, test images, test labels, source): uint8, optional leading subsets."""
-    from .. import data
-
     if config["dataset"] not in ("fashion_mnist", "cifar10"):
         raise ValueError(f"unknown dataset {config['dataset']!r}; choose fashion_mnist or cifar10")
     split = getattr(data, config["dataset"])()
@@ -222,22 +220,16 @@ _SPLIT_CACHE: dict[tuple, tuple] = {}
 
 
 def load_split(config: Mapping[str, Any]):
-    """(train_x, train_y, val_x, val_y, test_x, test_y, source): `n_val` training images held out by a
-    permutation seeded with `split_seed` (the same for every run), the rest (or `n_train` of them) to
+    """(train_x, train_y, val_x, val_y, test_x, test_y, source): `n_val` training images held out by
+    `normlab.data.holdout` with `split_seed` (the same for every run), the rest (or `n_train` of them) to
     train on, and the first `n_test` test images (None: all). Cached per process."""
     key = tuple(config[k] for k in ("dataset", "n_train", "n_val", "n_test", "split_seed"))
     if key not in _SPLIT_CACHE:
         trx, try_, tex, tey, source = load_data({**config, "n_train": None})
-        n_val, n_train = config["n_val"], config["n_train"]
-        if n_val + (n_train or 1) > len(trx):
-            raise ValueError(f"n_val {n_val} + n_train {n_train} exceed the {len(trx)} training images: "
-                             "lower n_val or n_train")
-        perm = torch.randperm(len(trx), generator=torch.Generator().manual_seed(config["split_seed"]))
-        val = perm[:n_val]
-        train = perm[n_val:] if n_train is None else perm[n_val: n_val + n_train]
-        train = train.sort().values
+        train, val_x, val_y = data.holdout(data.Split(trx, try_, tex, tey, source), config["n_val"],
+                                           config["split_seed"], config["n_train"])
         _SPLIT_CACHE.clear()
-        _SPLIT_CACHE[key] = (trx[train], try_[train], trx[val], try_[val], tex, tey, source)
+        _SPLIT_CACHE[key] = (train.train_images, train.train_labels, val_x, val_y, tex, tey, source)
     return _SPLIT_CACHE[key]
 
 
@@ -249,32 +241,30 @@ def converged_train_config(run: Mapping[str, Any], config: Mapping[str, Any], lr
                        warmup=config["warmup_epochs"], eval_every=1, seed=run["seed"])
 
 
-def lr_table(sweep_runs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """`[{"lr", "val_error", "diverged"}]` by lr: the median validation error over the seeds (None if a
-    seed diverged) and how many seeds diverged, of recorded sweep runs of one variant."""
-    by_lr: dict[float, list[Mapping[str, Any]]] = {}
+def _scores(sweep_runs: list[Mapping[str, Any]]) -> dict[float, list[float | None]]:
+    """`{lr: [validation error of each seed, None where it diverged]}` of recorded sweep runs of one variant."""
+    out: dict[float, list[float | None]] = {}
     for r in sweep_runs:
-        by_lr.setdefault(r["config"]["lr"], []).append(r["metrics"])
-    table = []
-    for lr in sorted(by_lr):
-        ms = by_lr[lr]
-        bad = sum(bool(m.get("diverged")) or m.get("val_error") is None for m in ms)
-        table.append({"lr": lr, "val_error": None if bad else statistics.median(m["val_error"] for m in ms),
-                      "diverged": bad})
-    return table
+        m = r["metrics"]
+        out.setdefault(r["config"]["lr"], []).append(None if m.get("diverged") else m.get("val_error"))
+    return out
+
+
+def lr_table(sweep_runs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`[{"lr", "val_error", "n", "diverged"}]` by lr (`normlab.selection.lr_table`): the median validation
+    error over the seeds (None if a seed diverged) of recorded sweep runs of one variant."""
+    return selection.lr_table(_scores(sweep_runs), name="val_error")
 
 
 def select_lr(sweep_runs: list[Mapping[str, Any]], variant: str = "") -> tuple[float, list[dict[str, Any]]]:
-    """The lr with the lowest median validation error among `sweep_runs` (recorded runs of one variant),
-    and the table it was chosen from: `[{"lr", "val_error" (median over seeds; None if a seed diverged),
-    "diverged" (how many seeds)}]`, by lr. Only lrs at which no seed diverged compete; ties go to the
-    smaller lr. The same rule for the final runs and the readers, so both name the same lr."""
-    table = lr_table(sweep_runs)
-    ok = [row for row in table if row["val_error"] is not None]
-    if not ok:
-        raise ValueError(f"every lr of the sweep of {variant!r} ({[row['lr'] for row in table]}) diverged, or the "
-                         f"record has none: extend lr_grid[{variant!r}] to smaller learning rates")
-    return min(ok, key=lambda row: (row["val_error"], row["lr"]))["lr"], table
+    """The lr `normlab.selection.choose_lr` picks from `sweep_runs` (recorded runs of one variant: the lowest
+    median validation error among lrs at which no seed diverged, ties to the smaller lr), and the table it
+    was chosen from (`lr_table`). The same rule for the final runs and the readers, so both name the same lr."""
+    try:
+        lr = selection.choose_lr(_scores(sweep_runs), repr(variant))
+    except ValueError as e:
+        raise ValueError(f"{e}: lr_grid[{variant!r}] in normlab/experiments/wn_ws_training.py") from None
+    return lr, lr_table(sweep_runs)
 
 
 def _sweep_keys(config: Mapping[str, Any], variant: str) -> list[str]:
@@ -367,9 +357,8 @@ def chosen_lrs(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if not runs_v:
             continue
         lr, table = select_lr(runs_v, v)
-        grid = [row["lr"] for row in table]
-        edge = "low" if lr == grid[0] else "high" if lr == grid[-1] else None
-        out[v] = {"lr": lr, "val_error": next(r["val_error"] for r in table if r["lr"] == lr), "at_edge": edge}
+        out[v] = {"lr": lr, "val_error": next(r["val_error"] for r in table if r["lr"] == lr),
+                  "at_edge": selection.edge(lr, [row["lr"] for row in table])}
     return out
 
 
@@ -473,25 +462,20 @@ def trains_at_any_lr(record: Mapping[str, Any], variant: str = "ws", below: floa
 
 def flatness(record: Mapping[str, Any], fraction: float = 0.2, metric: str = "test_error",
              tol: float = 0.25) -> dict[str, dict[str, Any]]:
-    """How much `metric` still moved over the last `fraction` of training, per variant's final runs:
-    `{variant: {"from_epoch", "to_epoch", "change" (mean over seeds of end minus start, points),
-    "max_abs_change", "n", "flat" (max_abs_change <= tol points)}}`. Diverged runs are left out."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie strictly between 0 and 1 (0.2: the last 20% of training), "
-                         f"got {fraction!r}")
+    """How much `metric` still moved over the last `fraction` of training, per variant's final runs
+    (`normlab.selection.tail_change`): `{variant: {"from_epoch", "to_epoch", "change" (mean over seeds of
+    end minus start, points), "max_abs_change", "n", "flat" (max_abs_change <= tol points)}}`. Diverged
+    and unfinished runs are left out."""
     epochs = _config(record)["epochs"]
-    start = epochs - max(1, math.ceil(fraction * epochs))
     out = {}
     for v in _config(record)["variants"]:
-        changes = []
+        changes, start = [], None
         for r in _phase(record, "final", v):
-            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"]}
-            if r["metrics"].get("diverged") or by_epoch.get(epochs) is None:
+            if r["metrics"].get("diverged") or not any(h.get("epoch") == epochs and h.get(metric) is not None
+                                                       for h in r["history"]):
                 continue
-            # epoch 0 is the untrained net: not recorded, so a one-epoch-long tail starts at epoch 1
-            first = by_epoch.get(start) if start > 0 else None
-            if first is not None:
-                changes.append(by_epoch[epochs] - first)
+            start, change = selection.tail_change(r["history"], metric, fraction, "epoch", end=epochs)
+            changes.append(change)
         if changes:
             worst = max(abs(c) for c in changes)
             out[v] = {"from_epoch": start, "to_epoch": epochs, "change": statistics.mean(changes),
