@@ -216,7 +216,12 @@ def init_sensitivity() -> Measured:
 
 
 def _gn_record() -> tuple[dict[str, Any], str]:
-    return record_path("gn_batch_size")
+    """The GN-vs-BN record at its headline training length (a converged record also holds longer runs
+    at some N, for the epoch-doubling check)."""
+    from .experiments import gn_batch_size
+
+    record, path = record_path("gn_batch_size")
+    return gn_batch_size.at_length(record), path
 
 
 @measure("C09")

@@ -8,6 +8,11 @@ This script renames them in place, converts accuracy fractions to error percenta
 `n_train` / `n_test` where the record's configuration determines them. It changes no number's value
 beyond that conversion, leaves everything else as it was (provenance included), and is idempotent:
 a migrated record is left untouched. The record files are rewritten atomically.
+
+It also records where a profile was narrowed while it recorded (`NARROWED`): a key added to the
+profile's configuration that drops runs not yet recorded. The key is added to the record's
+configuration only if every run already recorded is still one of the profile's runs, so no
+recorded number changes meaning.
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ RENAMED = {"data": "data_source", "dataset": "data_source", "train_steps": "step
            "final_train_loss": "train_loss"}
 #: Sizes of the full splits, for configurations that say "all of it" (`None`).
 FULL_SIZE = {"cifar10": (50_000, 10_000), "fashion_mnist": (60_000, 10_000)}
+
+
+#: (experiment, profile) -> configuration keys added to the profile while it recorded. Each drops runs
+#: from the profile and changes none that remain.
+NARROWED: dict[tuple[str, str], dict[str, Any]] = {
+    # the 60-epoch runs only at the N where the verdict is drawn (the epoch-doubling check)
+    ("gn_batch_size", "cpu_converged"): {"doubling_batch_sizes": [32, 2]},
+}
 
 
 def _error_percent(acc: float | None) -> float | None:
@@ -82,6 +95,25 @@ def migrate_record(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "runs": runs}
 
 
+def narrow_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its profile's `NARROWED` keys in its configuration (a new dict), if it lacks them
+    and every recorded run is still a run of the narrowed profile; otherwise ValueError naming the run."""
+    added = NARROWED.get((record.get("experiment"), record.get("profile")), {})
+    config = record.get("config", {})
+    if not added or all(config.get(k) == v for k, v in added.items()):
+        return record
+    from .experiments import get_experiment
+    from .results import run_key
+
+    narrowed = {**config, **added}
+    keep = {run_key(r) for r in get_experiment(record["experiment"]).runs(narrowed)}
+    dropped = [r["key"] for r in record["runs"] if r["key"] not in keep]
+    if dropped:
+        raise ValueError(f"{record['experiment']}/{record['profile']}: recorded run {dropped[0]} is not a run of the "
+                         f"profile narrowed by {added}: the narrowing would orphan it")
+    return {**record, "config": narrowed, "complete": keep <= {r["key"] for r in record["runs"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m normlab.migrate", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report records that need migrating (exit 1)")
@@ -89,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for path in sorted(Path(results_dir()).glob("*/*.json")):
         record = load_path(path)
-        migrated = migrate_record(record)
+        migrated = narrow_record(migrate_record(record))
         if migrated != record:
             stale.append(path)
             if not args.check:

@@ -33,6 +33,17 @@ def test_differences_at_the_longest_training():
     assert exp.differences(REC, epochs=30)["gn_minus_bn"][32].estimate == pytest.approx(6.0)
 
 
+def test_differences_default_to_the_longest_training_every_n_has():
+    # the doubling runs train only the largest and smallest N: the headline stays at 30 epochs
+    rec = _record({
+        ("bn", 8, 30): [24.0, 25.0, 26.0], ("gn", 8, 30): [28.0, 29.0, 30.0]})
+    rec["runs"] += REC["runs"]
+    d = exp.differences(rec)
+    assert d["epochs"] == 30 and set(d["gn_minus_bn"]) == {32, 8, 2}
+    assert d["gn_minus_bn"][8].estimate == pytest.approx(4.0)
+    assert exp.differences(rec, epochs=60)["gn_minus_bn"].keys() == {32, 2}
+
+
 def test_epoch_doubling_compares_the_change_with_the_seed_spread():
     e = exp.epoch_doubling(REC, 32)
     assert e["epochs"] == (30, 60)

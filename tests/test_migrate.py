@@ -45,3 +45,25 @@ def test_committed_records_use_the_books_keys():
     stale = [p.name for p in sorted(results.results_dir().glob("*/*.json"))
              if migrate.migrate_record(results.load_path(p)) != results.load_path(p)]
     assert not stale, "run `python -m normlab.migrate`"
+
+
+def _gn_record(runs):
+    from normlab.experiments import gn_batch_size as g
+
+    config = {k: v for k, v in g.PROFILES["cpu_converged"].items() if k != "doubling_batch_sizes"}
+    return {"experiment": "gn_batch_size", "profile": "cpu_converged", "config": config, "complete": False,
+            "runs": [{"key": results.run_key(r), "config": r} for r in runs]}
+
+
+def test_a_narrowed_profile_keeps_its_recorded_runs_and_refuses_to_orphan_one():
+    from normlab.experiments import gn_batch_size as g
+
+    kept = [{"norm": "gn", "batch_size": 32, "seed": 0, "epochs": 30}, {"norm": "bn", "batch_size": 2, "seed": 1,
+                                                                          "epochs": 60}]
+    narrowed = migrate.narrow_record(_gn_record(kept))
+    assert narrowed["config"] == g.PROFILES["cpu_converged"]  # the sweep's configuration check now passes
+    assert len(g.runs(narrowed["config"])) == 30 + 12 and narrowed["complete"] is False
+    assert migrate.narrow_record(narrowed) is narrowed  # idempotent
+    orphan = _gn_record(kept + [{"norm": "bn", "batch_size": 8, "seed": 0, "epochs": 60}])
+    with pytest.raises(ValueError, match="batch_size.*8.*not a run of the profile narrowed"):
+        migrate.narrow_record(orphan)

@@ -293,19 +293,38 @@ def _cell(record: dict[str, Any], norm: str, n: int, epochs: int | None, metric:
 
 def lengths(record: dict[str, Any]) -> list[int]:
     """The training lengths (epochs) of the record, shortest first."""
-    return sorted({r["config"].get("epochs", record["config"]["epochs"]) for r in record["runs"]})
+    return sorted({_epochs(record, r) for r in record["runs"]})
+
+
+def _epochs(record: dict[str, Any], run: dict[str, Any]) -> int:
+    return run["config"].get("epochs", record["config"]["epochs"])
+
+
+def headline_epochs(record: dict[str, Any]) -> int:
+    """The longest training recorded at every N: the length the chapter's verdicts are read at (a
+    profile may train the longer lengths only at some N: `doubling_batch_sizes`)."""
+    ns = {r["config"]["batch_size"] for r in record["runs"]}
+    return max(e for e in lengths(record) if {r["config"]["batch_size"] for r in record["runs"]
+                                               if _epochs(record, r) == e} == ns)
+
+
+def at_length(record: dict[str, Any], epochs: int | None = None) -> dict[str, Any]:
+    """The record with only the runs trained for `epochs` (default `headline_epochs`): one run per
+    (norm, N, seed), as readers that pair by seed need."""
+    epochs = headline_epochs(record) if epochs is None else epochs
+    return {**record, "runs": [r for r in record["runs"] if _epochs(record, r) == epochs]}
 
 
 def differences(record: dict[str, Any], epochs: int | None = None, metric: str = "test_error"):
     """The chapter's four measurements, each a `normlab.stats.Interval` (points; paired by seed):
 
     `bn_small_minus_large` (BN at the smallest N minus the largest), `gn_small_minus_large`,
-    `gn_minus_bn` `{N: Interval}` at every N. `epochs=None` uses the longest training in the record.
+    `gn_minus_bn` `{N: Interval}` at every N. `epochs=None`: `headline_epochs`.
     """
     from ..stats import paired_difference
 
-    epochs = max(lengths(record)) if epochs is None else epochs
     ns = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
+    epochs = headline_epochs(record) if epochs is None else epochs
     cell = lambda norm, n: _cell(record, norm, n, epochs, metric)
     return {"epochs": epochs, "N_large": ns[0], "N_small": ns[-1],
             "bn_small_minus_large": paired_difference(cell("bn", ns[-1]), cell("bn", ns[0])),
