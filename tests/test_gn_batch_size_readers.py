@@ -180,3 +180,16 @@ def test_verdicts_include_the_epoch_doubling_check():
     v = exp.verdicts(REC)  # headline at 60 epochs: the longest length every N has
     assert v["epochs"] == 60 and set(v["doubling"]) == {32, 2}
     assert (v["doubling"][32]["stable"], v["doubling"][2]["stable"]) == (False, True)
+
+
+def test_interval_text_says_why_there_is_no_interval():
+    assert "fewer than 2 seeds" in exp.interval_text(None)
+    iv = exp.differences(REC)["bn_small_minus_large"]
+    assert exp.interval_text(iv) == "5.00 [5.00, 5.00] (95% t, 3 seeds)"
+
+
+def test_paper_differences():
+    p = exp.paper_differences()
+    assert p["bn_small_minus_large"] == pytest.approx(11.1) and p["gn_small_minus_large"] == pytest.approx(0.0)
+    assert p["gn_spread"] == pytest.approx(0.2)
+    assert p["gn_minus_bn"][32] == pytest.approx(0.5) and p["gn_minus_bn"][2] == pytest.approx(-10.6)

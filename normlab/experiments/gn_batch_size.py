@@ -482,3 +482,20 @@ def verdicts(record: dict[str, Any], margin: float = EQUIVALENCE_MARGIN, epochs:
     doubling = {n: epoch_doubling(record, n) for n in ns} if len(lengths(record)) >= 2 else {}
     return {"epochs": d["epochs"], "margin": margin, "N_large": large, "N_small": small, "rows": rows,
             "doubling": doubling}
+
+
+def interval_text(iv, digits: int = 2) -> str:
+    """An Interval as the chapter prints it, or the note that says why there is none yet."""
+    if iv is None:
+        return "no interval yet: fewer than 2 seeds with both cells"
+    return f"{iv.format(digits)} ({iv.confidence:.0%} {iv.method}, {iv.n} seeds)"
+
+
+def paper_differences() -> dict[str, Any]:
+    """The four measurements on the paper's ImageNet numbers (`PAPER_IMAGENET`, one run per cell, so no
+    intervals): `bn_small_minus_large`, `gn_small_minus_large`, `gn_spread`, `gn_minus_bn` `{N: points}`."""
+    p = dict(zip(PAPER_IMAGENET["batch_sizes"], zip(PAPER_IMAGENET["bn"], PAPER_IMAGENET["gn"])))
+    large, small = max(p), min(p)
+    return {"bn_small_minus_large": p[small][0] - p[large][0], "gn_small_minus_large": p[small][1] - p[large][1],
+            "gn_spread": max(PAPER_IMAGENET["gn"]) - min(PAPER_IMAGENET["gn"]),
+            "gn_minus_bn": {n: g - b for n, (b, g) in p.items()}}
