@@ -63,3 +63,133 @@ def test_epoch_doubling_needs_two_lengths():
     one = _record({("bn", 32, 30): [1.0, 2.0], ("gn", 32, 30): [1.0, 2.0]})
     with pytest.raises(ValueError, match="epoch_list"):
         exp.epoch_doubling(one, 32)
+
+
+def test_differences_pair_the_common_seeds_and_skip_cells_below_two():
+    # a record still being recorded: BN N=2 has seeds 0 and 1 only, GN N=2 seed 0 only
+    rec = _record({("bn", 32, 30): [22.0, 23.0, 24.0], ("gn", 32, 30): [28.0, 29.0, 30.0],
+                   ("bn", 2, 30): [26.0, 28.0], ("gn", 2, 30): [27.0]})
+    d = exp.differences(rec)
+    assert d["bn_small_minus_large"].n == 2 and d["bn_small_minus_large"].estimate == pytest.approx(4.5)
+    assert d["gn_small_minus_large"] is None
+    assert set(d["gn_minus_bn"]) == {32}
+
+
+def test_epoch_doubling_with_one_seed_gives_no_interval_and_no_verdict():
+    one = _record({("bn", 32, 30): [22.0], ("gn", 32, 30): [28.0], ("bn", 32, 60): [20.0], ("gn", 32, 60): [25.0]})
+    e = exp.epoch_doubling(one, 32)
+    assert e["short"] is None and e["long"] is None and e["change"] is None
+    assert e["spread"] is None and e["stable"] is None
+    assert exp.epoch_doubling(one, 2)["stable"] is None  # no runs at all at that N
+
+
+def test_progress_counts_the_profile_runs():
+    rec = {"config": exp.PROFILES["cpu_converged"], "runs": [{}] * 9, "complete": False}
+    assert exp.progress(rec) == {"recorded": 9, "planned": 5 * 2 * 3 + 2 * 2 * 3, "complete": False}
+
+
+def test_seed_stats_are_means_at_the_headline_length():
+    s = exp.seed_stats(REC)  # headline: 60 epochs (every N has them)
+    assert s["gn"][32] == {"mean": pytest.approx((25 + 26.5 + 27) / 3), "min": 25.0, "max": 27.0, "n": 3}
+    assert list(s["bn"]) == [32, 2]
+    assert exp.seed_stats(REC, epochs=30)["bn"][2]["mean"] == pytest.approx(27.0)
+
+
+def _with_history(curves):
+    """curves: {(norm, N): [per-seed lists of train errors, one per epoch]}, 2 epochs, 30 epochs long."""
+    runs = [{"config": {"norm": norm, "batch_size": n, "seed": s, "epochs": 30}, "seed": s,
+             "metrics": {"test_error": 50.0, "train_error": errs[-1]},
+             "history": [{"epoch": e + 1, "train_error": v, **({"test_error": 50.0} if e else {})}
+                         for e, v in enumerate(errs)]}
+            for (norm, n), per_seed in curves.items() for s, errs in enumerate(per_seed)]
+    return {"config": {"epochs": 30}, "runs": runs}
+
+
+HIST = _with_history({("bn", 32): [[60.0, 30.0], [62.0, 32.0], [64.0, 31.0]],
+                      ("gn", 32): [[58.0, 27.0], [60.0, 28.0], [61.0, 29.0]],
+                      ("bn", 2): [[70.0, 40.0]], ("gn", 2): [[65.0, 35.0]]})
+
+
+def test_curve_averages_the_seeds_per_epoch():
+    c = exp.curve(HIST, "bn", 32)
+    assert c["epoch"] == [1, 2] and c["n"] == 3
+    assert c["mean"] == pytest.approx([62.0, 31.0]) and c["min"] == [60.0, 30.0] and c["max"] == [64.0, 32.0]
+    assert exp.curve(HIST, "bn", 32, metric="test_error")["epoch"] == [2]  # test error only at epoch 2
+    assert exp.curve(HIST, "bn", 8) is None
+
+
+def test_gn_minus_bn_of_the_final_training_error():
+    g = exp.gn_minus_bn(HIST, 32, "train_error")
+    assert g["per_seed"] == {0: -3.0, 1: -4.0, 2: -2.0}
+    assert g["interval"].estimate == pytest.approx(-3.0) and g["interval"].high < 0  # GN fits better
+    one = exp.gn_minus_bn(HIST, 2, "train_error")
+    assert one["per_seed"] == {0: -5.0} and one["interval"] is None
+
+
+def test_gn_flatness_spread_and_interval():
+    f = exp.gn_flatness(REC, epochs=30)
+    assert f["means"] == {32: pytest.approx(29.0), 2: pytest.approx(28.5)}
+    assert f["spread"] == pytest.approx(0.5)
+    assert f["small_minus_large"].estimate == pytest.approx(-0.5)  # per seed 0, -0.5, -1
+
+
+def test_length_curve_over_records_and_lengths():
+    short = _record({("bn", 32, 5): [60.0, 61.0], ("gn", 32, 5): [65.0, 67.0]})
+    short["profile"], REC_P = "cpu", {**REC, "profile": "cpu_converged"}
+    rows = exp.length_curve([short, REC_P], 32)
+    assert [(r["profile"], r["epochs"]) for r in rows] == [("cpu", 5), ("cpu_converged", 30), ("cpu_converged", 60)]
+    assert rows[0]["mean"] == pytest.approx(5.5) and (rows[0]["min"], rows[0]["max"]) == (5.0, 6.0)
+    assert rows[2]["per_seed"] == {0: 5.0, 1: 5.5, 2: 5.0}
+    assert rows[2]["interval"].estimate == pytest.approx(rows[2]["mean"])
+
+
+# GN as the paper finds it: flat across N, equal to BN at N=32, better at N=2; BN degrades
+HOLDS_REC = _record({("bn", 32, 30): [22.0, 23.0, 24.0], ("bn", 2, 30): [27.0, 28.0, 29.5],
+                     ("gn", 32, 30): [22.2, 23.1, 24.0], ("gn", 2, 30): [22.0, 23.2, 24.1]})
+# every claim fails: BN improves at small N, GN moves by 3 points, trails BN by 6 at N=32 and by 10 at N=2
+FAILS_REC = _record({("bn", 32, 30): [22.0, 23.0, 24.0], ("bn", 2, 30): [21.0, 22.0, 23.0],
+                     ("gn", 32, 30): [28.0, 29.0, 30.0], ("gn", 2, 30): [31.0, 32.2, 32.9]})
+
+
+def test_verdicts_when_every_claim_holds():
+    v = exp.verdicts(HOLDS_REC)
+    assert (v["epochs"], v["N_large"], v["N_small"], v["margin"]) == (30, 32, 2, exp.EQUIVALENCE_MARGIN)
+    assert [w for _, _, w in v["rows"]] == ["holds"] * 4
+    assert v["rows"][0][1].estimate == pytest.approx((5 + 5 + 5.5) / 3)  # BN(N=2) - BN(N=32) per seed
+    assert v["doubling"] == {}  # one training length
+    from normlab import stats
+
+    assert "holds" in stats.verdict_table(v["rows"])
+
+
+def test_verdicts_when_no_claim_holds():
+    v = exp.verdicts(FAILS_REC)
+    assert [w for _, _, w in v["rows"]] == ["does not hold"] * 4
+    # a tighter or looser margin changes only the two equivalence claims
+    assert [w for _, _, w in exp.verdicts(FAILS_REC, margin=20.0)["rows"]] == \
+        ["does not hold", "holds", "holds", "does not hold"]
+
+
+def test_verdicts_of_a_record_with_one_seed_are_not_tested():
+    one = _record({("bn", 32, 30): [22.0], ("bn", 2, 30): [27.0], ("gn", 32, 30): [22.2], ("gn", 2, 30): [22.0]})
+    v = exp.verdicts(one)
+    assert all(iv is None and w == "not tested here" for _, iv, w in v["rows"])
+
+
+def test_verdicts_include_the_epoch_doubling_check():
+    v = exp.verdicts(REC)  # headline at 60 epochs: the longest length every N has
+    assert v["epochs"] == 60 and set(v["doubling"]) == {32, 2}
+    assert (v["doubling"][32]["stable"], v["doubling"][2]["stable"]) == (False, True)
+
+
+def test_interval_text_says_why_there_is_no_interval():
+    assert "fewer than 2 seeds" in exp.interval_text(None)
+    iv = exp.differences(REC)["bn_small_minus_large"]
+    assert exp.interval_text(iv) == "5.00 [5.00, 5.00] (95% t, 3 seeds)"
+
+
+def test_paper_differences():
+    p = exp.paper_differences()
+    assert p["bn_small_minus_large"] == pytest.approx(11.1) and p["gn_small_minus_large"] == pytest.approx(0.0)
+    assert p["gn_spread"] == pytest.approx(0.2)
+    assert p["gn_minus_bn"][32] == pytest.approx(0.5) and p["gn_minus_bn"][2] == pytest.approx(-10.6)

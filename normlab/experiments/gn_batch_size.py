@@ -246,7 +246,8 @@ def summary(record: dict[str, Any], metric: str = "test_error") -> dict[str, dic
 
 
 def verdict(record: dict[str, Any]) -> dict[str, Any]:
-    """The issue's acceptance checks, computed from the medians over seeds."""
+    """The short sweeps' three numbers (BN's rise from the largest to the smallest N, GN's spread across N,
+    GN minus BN at the smallest N), from the medians over seeds."""
     s = summary(record)
     bn, gn = s.get("bn", {}), s.get("gn", {})
     small, large = min(bn), max(bn)
@@ -291,6 +292,14 @@ def _cell(record: dict[str, Any], norm: str, n: int, epochs: int | None, metric:
             and r["metrics"].get(metric) is not None}
 
 
+def _paired(a: dict[int, float], b: dict[int, float]):
+    """`paired_difference` of a - b over the seeds both have; None with fewer than 2 of them."""
+    from ..stats import paired_difference
+
+    seeds = sorted(set(a) & set(b))
+    return paired_difference({s: a[s] for s in seeds}, {s: b[s] for s in seeds}) if len(seeds) >= 2 else None
+
+
 def lengths(record: dict[str, Any]) -> list[int]:
     """The training lengths (epochs) of the record, shortest first."""
     return sorted({_epochs(record, r) for r in record["runs"]})
@@ -319,18 +328,18 @@ def differences(record: dict[str, Any], epochs: int | None = None, metric: str =
     """The chapter's four measurements, each a `normlab.stats.Interval` (points; paired by seed):
 
     `bn_small_minus_large` (BN at the smallest N minus the largest), `gn_small_minus_large`,
-    `gn_minus_bn` `{N: Interval}` at every N. `epochs=None`: `headline_epochs`.
+    `gn_minus_bn` `{N: Interval}` at every N. `epochs=None`: `headline_epochs`. Each difference pairs
+    the seeds both cells have; with fewer than 2 of them it is None (a record still being recorded),
+    and `gn_minus_bn` leaves that N out.
     """
-    from ..stats import paired_difference
-
     ns = sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True)
     epochs = headline_epochs(record) if epochs is None else epochs
     cell = lambda norm, n: _cell(record, norm, n, epochs, metric)
+    gaps = {n: _paired(cell("gn", n), cell("bn", n)) for n in ns}
     return {"epochs": epochs, "N_large": ns[0], "N_small": ns[-1],
-            "bn_small_minus_large": paired_difference(cell("bn", ns[-1]), cell("bn", ns[0])),
-            "gn_small_minus_large": paired_difference(cell("gn", ns[-1]), cell("gn", ns[0])),
-            "gn_minus_bn": {n: paired_difference(cell("gn", n), cell("bn", n)) for n in ns
-                            if len(set(cell("gn", n)) & set(cell("bn", n))) >= 2}}
+            "bn_small_minus_large": _paired(cell("bn", ns[-1]), cell("bn", ns[0])),
+            "gn_small_minus_large": _paired(cell("gn", ns[-1]), cell("gn", ns[0])),
+            "gn_minus_bn": {n: iv for n, iv in gaps.items() if iv is not None}}
 
 
 def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error") -> dict[str, Any]:
@@ -340,25 +349,153 @@ def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error") -
     seed), `change` (the per-seed change of that difference, long minus short, as an Interval), and
     `spread` (max - min over seeds of the difference at 2L). The verdict is stable when
     |change.estimate| < spread: the extra training moved the difference by less than the seeds do.
+    While the record is incomplete, an interval with fewer than 2 seeds is None, `spread` is None
+    below 2 seeds at 2L, and `stable` is None when either is.
     """
-    from ..stats import paired_difference
-
     ls = lengths(record)
     if len(ls) < 2:
         raise ValueError(f"the record trains one length ({ls}); epoch_doubling needs a profile with epoch_list")
     short_len, long_len = ls[-2], ls[-1]
+    short, long = (gn_minus_bn(record, n, metric, epochs=e) for e in (short_len, long_len))
+    d_short, d_long = short["per_seed"], long["per_seed"]
+    change = _paired(d_long, d_short)
+    spread = max(d_long.values()) - min(d_long.values()) if len(d_long) >= 2 else None
+    stable = None if change is None or spread is None else abs(change.estimate) < spread
+    return {"epochs": (short_len, long_len), "short": short["interval"], "long": long["interval"],
+            "change": change, "spread": spread, "stable": stable}
 
-    def diff(epochs):
-        gn, bn = _cell(record, "gn", n, epochs, metric), _cell(record, "bn", n, epochs, metric)
-        return {s: gn[s] - bn[s] for s in set(gn) & set(bn)}
 
-    d_short, d_long = diff(short_len), diff(long_len)
-    seeds = sorted(set(d_short) & set(d_long))
-    change = paired_difference({s: d_long[s] for s in seeds}, {s: d_short[s] for s in seeds})
-    spread = max(d_long.values()) - min(d_long.values())
-    return {"epochs": (short_len, long_len), "short": paired_difference(
-                {s: _cell(record, "gn", n, short_len, metric)[s] for s in d_short},
-                {s: _cell(record, "bn", n, short_len, metric)[s] for s in d_short}),
-            "long": paired_difference({s: _cell(record, "gn", n, long_len, metric)[s] for s in d_long},
-                                      {s: _cell(record, "bn", n, long_len, metric)[s] for s in d_long}),
-            "change": change, "spread": spread, "stable": abs(change.estimate) < spread}
+# ----------------------------------------------------------------------------------------------------
+# the converged record's headline section: per-N means, training curves, GN's flatness, the verdicts
+# ----------------------------------------------------------------------------------------------------
+
+#: The band within which two test errors count as equal (points) for the chapter's two equivalence
+#: claims: GN is flat across N, and GN matches BN at the largest N. On ImageNet the paper's GN spans
+#: 0.2 points across N and trails BN by 0.5 at N=32 (`PAPER_IMAGENET`): both inside the band, so the
+#: paper's own table passes; a gap of a point or more is one its readers would call a difference.
+EQUIVALENCE_MARGIN = 1.0
+
+
+def progress(record: dict[str, Any]) -> dict[str, Any]:
+    """`{"recorded", "planned", "complete"}`: the runs in the record, the runs its profile trains
+    (`runs(record["config"])`), and whether it is complete."""
+    return {"recorded": len(record["runs"]), "planned": len(runs(record["config"])),
+            "complete": bool(record.get("complete", True))}
+
+
+def seed_stats(record: dict[str, Any], metric: str = "test_error", epochs: int | None = None):
+    """`{norm: {N: {"mean", "min", "max", "n"}}}` of `metric` over seeds at `epochs` (default
+    `headline_epochs`), N from large to small; cells without any run are absent."""
+    import statistics
+
+    epochs = headline_epochs(record) if epochs is None else epochs
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for norm in sorted({r["config"]["norm"] for r in record["runs"]}):
+        for n in sorted({r["config"]["batch_size"] for r in record["runs"]}, reverse=True):
+            v = list(_cell(record, norm, n, epochs, metric).values())
+            if v:
+                out.setdefault(norm, {})[n] = {"mean": statistics.mean(v), "min": min(v), "max": max(v), "n": len(v)}
+    return out
+
+
+def curve(record: dict[str, Any], norm: str, n: int, metric: str = "train_error", epochs: int | None = None):
+    """`metric` against epoch for (norm, N), from the runs' history rows, over seeds: `{"epoch", "mean",
+    "min", "max"}` (lists over the epochs every seed has a value at) and `"n"` (seeds); None without runs."""
+    epochs = headline_epochs(record) if epochs is None else epochs
+    rows = [{h["epoch"]: h[metric] for h in r["history"] if h.get(metric) is not None}
+            for r in record["runs"] if r["config"]["norm"] == norm and r["config"]["batch_size"] == n
+            and _epochs(record, r) == epochs]
+    if not rows:
+        return None
+    ep = sorted(set.intersection(*(set(r) for r in rows)))
+    vals = [[r[e] for r in rows] for e in ep]
+    return {"epoch": ep, "mean": [sum(v) / len(v) for v in vals], "min": [min(v) for v in vals],
+            "max": [max(v) for v in vals], "n": len(rows)}
+
+
+def gn_minus_bn(record: dict[str, Any], n: int, metric: str = "test_error", epochs: int | None = None):
+    """GN minus BN at N = `n`, paired by seed: `{"per_seed": {seed: GN - BN}, "interval"}` (a t interval,
+    None with fewer than 2 seeds). `metric="train_error"`: the last epoch's training error, the
+    numerical form of "does GN fit the training set better than BN" (Wu & He's Figure 4)."""
+    epochs = headline_epochs(record) if epochs is None else epochs
+    gn, bn = _cell(record, "gn", n, epochs, metric), _cell(record, "bn", n, epochs, metric)
+    return {"per_seed": {s: gn[s] - bn[s] for s in sorted(set(gn) & set(bn))}, "interval": _paired(gn, bn)}
+
+
+def gn_flatness(record: dict[str, Any], epochs: int | None = None, metric: str = "test_error"):
+    """How flat GN is across N: `spread` (max - min over N of GN's mean over seeds; None without GN
+    runs), `means` `{N: mean}`, and `small_minus_large` (GN at the smallest N minus the largest,
+    paired by seed: an Interval, None with fewer than 2 seeds)."""
+    gn = seed_stats(record, metric, epochs).get("gn", {})
+    means = {n: c["mean"] for n, c in gn.items()}
+    d = differences(record, epochs, metric)
+    return {"epochs": d["epochs"], "N_large": d["N_large"], "N_small": d["N_small"], "means": means,
+            "spread": max(means.values()) - min(means.values()) if means else None,
+            "small_minus_large": d["gn_small_minus_large"]}
+
+
+def length_curve(records: list[dict[str, Any]], n: int, metric: str = "test_error"):
+    """GN minus BN at N = `n` against training length, over every length of every record given:
+    one row `{"experiment", "profile", "epochs", "per_seed", "mean", "min", "max", "interval"}` per
+    (record, length) with at least one seed of both norms, in the order of `records`, shortest first."""
+    out = []
+    for record in records:
+        for e in lengths(record):
+            g = gn_minus_bn(record, n, metric, epochs=e)
+            d = list(g["per_seed"].values())
+            if d:
+                out.append({"experiment": record.get("experiment"), "profile": record["profile"], "epochs": e,
+                            "per_seed": g["per_seed"], "mean": sum(d) / len(d), "min": min(d), "max": max(d),
+                            "interval": g["interval"]})
+    return out
+
+
+def verdicts(record: dict[str, Any], margin: float = EQUIVALENCE_MARGIN, epochs: int | None = None):
+    """The chapter's four claims, each as a `(claim, interval, verdict)` row for `stats.verdict_table`, at
+    `epochs` (default `headline_epochs`), with N_large and N_small the record's largest and smallest N:
+
+    1. BN degrades at small N: BN(N_small) - BN(N_large) > 0 (`direction="greater"`);
+    2. GN is flat across N: GN(N_small) - GN(N_large) within +-`margin` (`"equivalent"`);
+    3. GN matches BN at N_large: GN - BN within +-`margin` (`"equivalent"`);
+    4. GN beats BN at N_small: GN - BN < 0 (`"less"`).
+
+    A row whose difference has fewer than 2 seeds says `stats.NOT_TESTED`, with interval None (the
+    record is still being recorded). Returns `{"epochs", "margin", "N_large", "N_small", "rows",
+    "doubling"}`; `doubling` is `{N: epoch_doubling(record, N)}` for the profile's
+    `doubling_batch_sizes` (default: N_large and N_small) when the record trains two lengths, else {}.
+    """
+    from ..stats import NOT_TESTED, verdict
+
+    d = differences(record, epochs)
+    large, small = d["N_large"], d["N_small"]
+
+    def row(claim, iv, **rule):
+        return (claim, iv, NOT_TESTED if iv is None else verdict(iv, **rule))
+
+    rows = [row(f"BN degrades: BN(N={small}) - BN(N={large}) > 0", d["bn_small_minus_large"], direction="greater"),
+            row(f"GN is flat: GN(N={small}) - GN(N={large}) within +-{margin:g}", d["gn_small_minus_large"],
+                direction="equivalent", margin=margin),
+            row(f"GN matches BN at N={large}: GN - BN within +-{margin:g}", d["gn_minus_bn"].get(large),
+                direction="equivalent", margin=margin),
+            row(f"GN beats BN at N={small}: GN - BN < 0", d["gn_minus_bn"].get(small), direction="less")]
+    ns = record["config"].get("doubling_batch_sizes") or [large, small]
+    doubling = {n: epoch_doubling(record, n) for n in ns} if len(lengths(record)) >= 2 else {}
+    return {"epochs": d["epochs"], "margin": margin, "N_large": large, "N_small": small, "rows": rows,
+            "doubling": doubling}
+
+
+def interval_text(iv, digits: int = 2) -> str:
+    """An Interval as the chapter prints it, or the note that says why there is none yet."""
+    if iv is None:
+        return "no interval yet: fewer than 2 seeds with both cells"
+    return f"{iv.format(digits)} ({iv.confidence:.0%} {iv.method}, {iv.n} seeds)"
+
+
+def paper_differences() -> dict[str, Any]:
+    """The four measurements on the paper's ImageNet numbers (`PAPER_IMAGENET`, one run per cell, so no
+    intervals): `bn_small_minus_large`, `gn_small_minus_large`, `gn_spread`, `gn_minus_bn` `{N: points}`."""
+    p = dict(zip(PAPER_IMAGENET["batch_sizes"], zip(PAPER_IMAGENET["bn"], PAPER_IMAGENET["gn"])))
+    large, small = max(p), min(p)
+    return {"bn_small_minus_large": p[small][0] - p[large][0], "gn_small_minus_large": p[small][1] - p[large][1],
+            "gn_spread": max(PAPER_IMAGENET["gn"]) - min(PAPER_IMAGENET["gn"]),
+            "gn_minus_bn": {n: g - b for n, (b, g) in p.items()}}
