@@ -31,7 +31,7 @@ PROFILES: dict[str, dict[str, Any]] = {
               "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seeds": [0],
               "eval_batch_sizes": [1, 2, 8, 256]},
     "cpu": {"widths": [16, 32, 64], "hidden": 64, "n_train": None, "n_test": None, "epochs": 2,
-            "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seeds": [0, 1],
+            "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seeds": [0, 1, 2],
             "eval_batch_sizes": [1, 2, 8, 32, 256]},
     "full": {"widths": [32, 64, 128], "hidden": 128, "n_train": None, "n_test": None, "epochs": 10,
              "batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seeds": [0, 1, 2],

@@ -16,7 +16,7 @@ from . import gn_batch_size as base
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {**base.PROFILES["smoke"], "epoch_list": [2], "batch_sizes": [8, 2]},
-    "cpu": {**base.PROFILES["cpu"], "epoch_list": [20], "batch_sizes": [32, 2], "seeds": [0, 1]},
+    "cpu": {**base.PROFILES["cpu"], "epoch_list": [20], "batch_sizes": [32, 2], "seeds": [0, 1, 2]},
     "full": {**base.PROFILES["full"], "epoch_list": [90], "batch_sizes": [32, 2]},
 }
 
