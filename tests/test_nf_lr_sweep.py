@@ -17,6 +17,7 @@ from normlab.experiments import nf_resnet as exp
 from normlab.stats import t_quantile
 
 CONVERGED = exp.PROFILES["cpu_converged"]
+SMOKE = exp.PROFILES["smoke_converged"]
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_bad_lr_sweep_profiles_name_the_fix(change, match):
 
 
 def test_bad_split_and_bn_impl_name_the_fix(fake_cifar):
-    config = {**exp.PROFILES["smoke"], "val_size": 512}
+    config = {**SMOKE, "val_size": 512}
     with pytest.raises(ValueError, match=r"val_size must be between 1 and 511 \(there are 512 training images\).*nf_resnet.py"):
         exp.run_one({"kind": "sweep", "model": "none", "lr": 0.01, "seed": 0}, config)
     with pytest.raises(ValueError, match="bn_impl must be 'normlab'.*or 'fused'"):
@@ -76,7 +77,7 @@ def test_bad_split_and_bn_impl_name_the_fix(fake_cifar):
 
 
 def test_the_validation_split_is_held_out_and_fixed(fake_cifar):
-    config = {**exp.PROFILES["smoke"], "train_size": None}
+    config = {**SMOKE, "train_size": None}
     trx, _, vx, vy, tex, _, source = exp._val_split(config)
     assert len(vx) == config["val_size"] and len(trx) == 512 - config["val_size"] and len(tex) == 256
     assert trx.shape[-1] == vx.shape[-1] == tex.shape[-1] == 16 and "downsampled to 16x16" in source
@@ -100,7 +101,7 @@ def _sweep_run(model, lr, val_error, seed=0, diverged=False, clip=None):
 
 
 def test_a_final_run_needs_its_sweep(fake_cifar):
-    config = exp.PROFILES["smoke"]
+    config = SMOKE
     run = {"kind": "final", "model": "bn", "seed": 1}
     with pytest.raises(ValueError, match="pass record="):
         exp.run_one(run, config)
@@ -113,7 +114,7 @@ def test_a_final_run_needs_its_sweep(fake_cifar):
         exp.run_one(run, config, record=diverged)
     record["runs"].append(_sweep_run("bn", 0.1, 45.0))  # 0.03 wins on validation error
     out = exp.run_one(run, config, record=record)
-    assert out["metrics"]["lr"] == 0.03 and out["history"][0]["lr"] == pytest.approx(0.03)
+    assert out["metrics"]["lr"] == 0.03 and max(h["lr"] for h in out["history"]) == pytest.approx(0.03)  # after warmup
     assert out["metrics"]["n_val"] == config["val_size"] and out["metrics"]["val_error"] is not None
     assert _untimed(out) == _untimed(exp.run_one(run, config, record=record)), "not deterministic"
 
@@ -122,15 +123,16 @@ def _untimed(result):
     return result["metrics"], [{k: v for k, v in h.items() if k != "time_s"} for h in result["history"]]
 
 
-def test_smoke_sweep_end_to_end(fake_cifar, tmp_path):
-    """The whole smoke profile through the sweep: finals at the lr the readers say was chosen."""
+def test_smoke_converged_end_to_end(fake_cifar, tmp_path):
+    """The whole smoke_converged profile (the chapter's smoke run) through the sweep: finals at the lr the
+    readers say was chosen, and the readers accept the record."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rec = sweep.sweep("nf_resnet", "smoke", out=tmp_path / "smoke.json", progress=False, log=None)
+        rec = sweep.sweep("nf_resnet", "smoke_converged", out=tmp_path / "s.json", progress=False, log=None)
     finally:
         torch.set_num_threads(threads)
-    assert rec["complete"]
+    assert rec["complete"] and {r["config"]["kind"] for r in rec["runs"]} == {"spp", "sweep", "final"}
     json.dumps(rec, allow_nan=False)
     chosen = exp.chosen_lrs(rec)  # raises if a final run trained at another lr than the sweep chooses
     assert set(chosen) == set(exp.ARMS)
@@ -181,7 +183,7 @@ def test_run_metrics_average_the_per_step_clip_fractions(fake_cifar, monkeypatch
         return seen[-1]
 
     monkeypatch.setattr(nf, "adaptive_grad_clip_", counting)
-    config = {**exp.PROFILES["smoke"], "train_size": 192, "batch_size": 32}  # 6 steps per epoch, 2 epochs
+    config = {**SMOKE, "train_size": 192, "batch_size": 32}  # 6 steps per epoch, 2 epochs
     out = exp.run_one({"kind": "sweep", "model": "nf", "lr": 0.3, "seed": 0}, config)
     assert len(seen) == 12 and all(0 <= f <= 1 for f in seen)
     assert out["metrics"]["agc_clip_fraction"] == pytest.approx(sum(seen) / 12, rel=1e-9)
@@ -274,3 +276,4 @@ def test_readers_refuse_what_they_cannot_read():
     no_nf = {**rec, "config": {**rec["config"], "lrs": {"bn": [0.1]}}}
     with pytest.raises(ValueError, match="no NF \\+ AGC runs"):
         exp.agc_clipping(no_nf)
+

@@ -12,13 +12,14 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   there and is recorded with `metrics.diverged = True`; so is a run whose epoch-mean training loss
   exceeds 10 ln(classes) (exploded without overflowing).
 
-- `kind="sweep"` and `kind="final"` (profiles with `lrs`, e.g. `cpu_converged`): the same four
-  networks, each at its own best learning rate. A held-out validation split of the training images
-  (`val_size`, drawn once with `split_seed`) chooses it: every lr of `lrs[model]` is trained once per
-  `sweep_seeds` seed, and the lr with the lowest final validation error among the runs that did not
-  diverge (`normlab.selection.choose_lr`) is the one the `final` runs train at, once per `final_seeds` seed (seeds the
-  sweep did not use, so the reported test errors played no part in the choice). A final run needs its
-  model's sweep in the record: `run_one` takes `record` and raises `NotReady` until it is there.
+- `kind="sweep"` and `kind="final"` (profiles with `lrs`: `cpu_converged`, and `smoke_converged`, its
+  code path in seconds): the same four networks, each at its own best learning rate. A held-out
+  validation split of the training images (`val_size`, drawn once with `split_seed`) chooses it: every
+  lr of `lrs[model]` is trained once per `sweep_seeds` seed, and the lr with the lowest final
+  validation error among the runs that did not diverge (`normlab.selection.choose_lr`) is the one the
+  `final` runs train at, once per `final_seeds` seed (seeds the sweep did not use, so the reported test
+  errors played no part in the choice). A final run needs its model's sweep in the record: `run_one`
+  takes `record` and raises `NotReady` until it is there.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
   `flatness`.
 
@@ -45,15 +46,31 @@ from ..utils import seed_all
 _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3, "momentum": 0.9,
            "nesterov": True, "weight_decay": 5e-4, "warmup_epochs": 0.0, "schedule": "cosine"}
 
+# Each network at its own best lr, trained until the test error barely moves. ResNet-20 on all 50k
+# CIFAR-10 training images less a 5k validation split, at 16 px (as gn_batch_size's cpu_converged),
+# the full 10k test set, 30 epochs with a 1-epoch warmup and cosine decay. One sweep seed per lr (a
+# factor-3 grid: neighbours differ by more than seed noise except near the optimum, where either
+# choice is as good), then 3 fresh seeds at the chosen lr. bf16 + channels_last for every network:
+# FASTEST lists BN only, so "auto" would train BN in bf16 and the NF / unnormalized nets in fp32 (a
+# precision confound, and 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than
+# normlab's on a CPU). Cost, measured through run_one at one thread on a shared, loaded 2-core machine
+# (pessimistic): 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of
+# 15k images: 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
+_CONVERGED = {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
+              "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
+              "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
+              "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
+                      "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
+              "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
+              "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
+              "bn_impl": "fused"}
+
 PROFILES: dict[str, dict[str, Any]] = {
-    # seconds: proves every code path (tiny models, a few steps); numbers are not results
+    # seconds: proves the code path of the fixed-lr profiles (cpu, full) with tiny models and a few
+    # steps; numbers are not results
     "smoke": {**_COMMON, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "batch_size": 64,
               "epochs": 2, "spp_depth": 8, "spp_batch": 8, "spp_models": ["bn", "none", "nf", "nf_nows"],
-              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0],
-              # the code path of cpu_converged: a 2-lr sweep per network, then 2 seeds at the chosen lr
-              "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
-              "sweep_seeds": [0], "final_seeds": [1, 2], "val_size": 64, "split_seed": 2021, "image_size": 16,
-              "padding": 2, "precision": "bf16", "memory_format": "channels_last", "bn_impl": "fused"},
+              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0]},
     # a reduced reproduction for one shared CPU core: ResNet-20 on a 5,000-image CIFAR-10 subset
     "cpu": {**_COMMON, "depth": 20, "width": 16, "train_size": 5000, "test_size": 2000, "batch_size": 128,
             "epochs": 4, "spp_depth": 110, "spp_batch": 64, "spp_models": ["bn", "none", "nf", "nf_nows"],
@@ -66,26 +83,13 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train": [["bn", 0.1], ["bn", 0.8], ["nf", 0.8], ["nf_noagc", 0.8], ["none", 0.1], ["none", 0.01],
                        ["nf_noagc", 0.1], ["nf", 0.1]],
              "seeds": [0]},
-    # Each network at its own best lr, trained until the test error barely moves (issue: the `cpu`
-    # profile compared BN at lr 0.1 with NF at 0.8, never tried the unnormalized net below 0.1, and
-    # stopped after 4 epochs on 5k images). ResNet-20 on all 50k CIFAR-10 training images less a 5k
-    # validation split, at 16 px (as gn_batch_size's cpu_converged), the full 10k test set, 30 epochs
-    # with a 1-epoch warmup and cosine decay. One sweep seed per lr (a factor-3 grid: neighbours differ
-    # by more than seed noise except near the optimum, where either choice is as good), then 3 fresh
-    # seeds at the chosen lr. bf16 + channels_last for every network: FASTEST lists BN only, so
-    # "auto" would train BN in bf16 and the NF / unnormalized nets in fp32 (a precision confound, and
-    # 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than normlab's on a CPU).
-    # Cost, measured through run_one at one thread on a shared, loaded 2-core machine (pessimistic):
-    # 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of 15k images:
-    # 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
-    "cpu_converged": {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
-                      "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
-                      "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
-                      "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
-                              "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
-                      "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
-                      "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
-                      "bn_impl": "fused"},
+    "cpu_converged": _CONVERGED,
+    # seconds: cpu_converged's code path (spp runs, a 2-lr sweep per network on a validation split, 2
+    # final seeds at the chosen lr) with tiny models on a few hundred 16-px images; numbers are not results
+    "smoke_converged": {**_CONVERGED, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "val_size": 64,
+                        "batch_size": 64, "epochs": 2, "spp_depth": 8, "spp_batch": 8,
+                        "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
+                        "final_seeds": [1, 2]},
 }
 
 SPP_MODELS = ("bn", "none", "nf", "nf_nows")
