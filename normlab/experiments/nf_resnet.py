@@ -21,7 +21,8 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   errors played no part in the choice). A final run needs its model's sweep in the record: `run_one`
   takes `record` and raises `NotReady` until it is there.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
-  `flatness`.
+  `flatness`, `curves`, `claims` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `findings`;
+  `spp_summary` reads the signal propagation runs of any profile.
 
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
 """
@@ -441,4 +442,146 @@ def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_
             v = list(seeds.values())
             out[arm] = {"from_epoch": span[0], "to_epoch": span[1], "seeds": seeds, "mean": sum(v) / len(v),
                         "max_abs": max(abs(x) for x in v)}
+    return out
+
+
+def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
+    """`metric` by epoch over each model's final runs: `{model: {"epoch", "mean", "min", "max" (one value
+    per epoch, over seeds), "n" (seeds)}}`. Diverged runs are left out (as in `flatness`; `divergence`
+    lists them), and so are runs without `metric` at every epoch (unfinished, or a larger eval_every)."""
+    epochs = list(range(1, record["config"]["epochs"] + 1))
+    out = {}
+    for arm in _arms(record):
+        rows = []
+        for r in _finals(record, arm):
+            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"] if h.get(metric) is not None}
+            if not r["metrics"].get("diverged") and all(e in by_epoch for e in epochs):
+                rows.append([by_epoch[e] for e in epochs])
+        if rows:
+            per_epoch = list(zip(*rows))
+            out[arm] = {"epoch": epochs, "mean": [statistics.fmean(c) for c in per_epoch],
+                        "min": [min(c) for c in per_epoch], "max": [max(c) for c in per_epoch], "n": len(rows)}
+    return out
+
+
+#: NF + AGC "matches" BN when the whole interval of their paired difference in final test error lies
+#: within this many points either side of zero. Fixed before the record: a point is a few times the
+#: seed-to-seed spread of a CIFAR ResNet-20's test error (a few tenths of a point), and wide enough
+#: that the interval of three seeds can fall inside it.
+MATCH_MARGIN = 1.0
+
+#: The chapter's claims: (text, model, reference, direction of `normlab.stats.verdict`). The estimate
+#: is test error(model) - test error(reference) in points, paired by final seed: "less" means the
+#: model has the lower error.
+CLAIMS = (
+    ("NF + AGC matches BN (within ±{margin:g})", "nf", "bn", "equivalent"),
+    ("NF without AGC trails NF + AGC", "nf_noagc", "nf", "greater"),
+    ("BN beats the unnormalized net", "bn", "none", "less"),
+    ("NF + AGC beats the unnormalized net", "nf", "none", "less"),
+)
+
+
+def claims(record: dict[str, Any], margin: float = MATCH_MARGIN,
+           confidence: float = 0.95) -> list[tuple[str, Any, str]]:
+    """`(claim, normlab.stats.Interval, verdict)` rows for `normlab.stats.verdict_table`, one per claim of
+    `CLAIMS` whose two models share at least 2 final seeds: the paired difference of final test error
+    over those seeds (`normlab.stats.paired_difference`), judged by `normlab.stats.verdict` (the
+    equivalence claim within `margin` points). Diverged final runs count at the error they stopped with,
+    and the claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]"."""
+    from ..stats import paired_difference, verdict
+
+    finals = {arm: {r["seed"]: r["metrics"] for r in _finals(record, arm)} for arm in _arms(record)}
+    rows = []
+    for text, model, ref, direction in CLAIMS:
+        a, b = finals.get(model, {}), finals.get(ref, {})
+        seeds = [s for s in a if s in b]
+        if len(seeds) < 2:
+            continue
+        iv = paired_difference({s: a[s]["test_error"] for s in seeds}, {s: b[s]["test_error"] for s in seeds},
+                               confidence=confidence)
+        word = verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
+        notes = [f"{ARM_NAMES[m]}: {n} of {len(seeds)} final runs diverged" for m, runs_m in ((model, a), (ref, b))
+                 if (n := sum(bool(runs_m[s].get("diverged")) for s in seeds))]
+        rows.append((text.format(margin=margin) + (f" [{'; '.join(notes)}]" if notes else ""), iv, word))
+    return rows
+
+
+#: How the chapter names the signal propagation networks.
+SPP_NAMES = {"bn": "BN-ReLU (pre-act)", "none": "no normalization (pre-act)", "nf": "NF-ResNet",
+             "nf_nows": "NF-ResNet without scaled WS"}
+
+
+def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The signal propagation runs in numbers: `{model: {"blocks", "var_first", "var_last" (average channel
+    variance after the first and the last block), "sq_mean_last" (average squared channel mean after the
+    last block), "mean_shift" (sq_mean_last / var_last), "branch_var" (residual branch variance, mean over
+    blocks)}}`, in the record's order; `nan` where a statistic overflowed float32 (recorded as null)."""
+    val = lambda x: math.nan if x is None else x  # noqa: E731
+    out = {}
+    for r in record["runs"]:
+        if r["config"].get("kind") != "spp":
+            continue
+        first, last = r["history"][0], r["history"][-1]
+        var_last, sq_last = val(last["avg_var"]), val(last["avg_sq_mean"])
+        out[r["config"]["model"]] = {"blocks": len(r["history"]), "var_first": val(first["avg_var"]),
+                                     "var_last": var_last, "sq_mean_last": sq_last,
+                                     "mean_shift": sq_last / var_last if var_last else math.nan,
+                                     "branch_var": val(r["metrics"]["mean_res_var"])}
+    return out
+
+
+def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: float = 0.2) -> list[str]:
+    """The chapter's results as sentences, every number and verdict read from `record` by the readers
+    above: the signal propagation at initialization (`spp_summary`), the chosen lrs and any at the end of
+    its grid (`chosen_lrs`), the runs that diverged (`divergence`), the final test errors
+    (`final_errors`), AGC's clipped fraction (`agc_clipping`), each of `claims` with its verdict, and how
+    much the test error still moved over the last `fraction` of training (`flatness`). Parts whose runs
+    are not recorded yet are left out."""
+    out = []
+    spp = spp_summary(record)
+    if spp:
+        cfg = record["config"]
+        out.append(f"Signal propagation at initialization (ResNet-{cfg['spp_depth']}, {cfg['spp_batch']} test "
+                   "images): average channel variance after the first and the last block, "
+                   + "; ".join(f"{SPP_NAMES[m]} {s['var_first']:.3g} and {s['var_last']:.3g}" for m, s in spp.items())
+                   + ". Squared channel mean / variance after the last block: "
+                   + "; ".join(f"{SPP_NAMES[m]} {s['mean_shift']:.2f}" for m, s in spp.items()) + ".")
+    if "lrs" not in record.get("config", {}):
+        return out
+    chosen = chosen_lrs(record)
+    if chosen:
+        edges = [f"{ARM_NAMES[a]} ({c['at_edge']} end)" for a, c in chosen.items() if c["at_edge"]]
+        out.append("Chosen lr (lowest validation error of the sweep): "
+                   + "; ".join(f"{ARM_NAMES[a]} {c['lr']:g}" for a, c in chosen.items())
+                   + (f". At the end of its grid: {'; '.join(edges)}." if edges else ". None at the end of its grid."))
+    div = divergence(record)
+    hit = [a for a in div if div[a]]
+    said = "; ".join(f"{ARM_NAMES[a]}: " + ", ".join(f"{d['kind']} at lr {d['lr']:g} seed {d['seed']} (step {d['step']})"
+                                                   for d in div[a]) for a in hit)
+    rest = "; the other networks: none" if 0 < len(hit) < len(div) else ""
+    out.append(f"Runs that diverged: {said}{rest}." if hit else "No run diverged.")
+    errs = final_errors(record)
+    if errs:
+        ranked = sorted(errs.items(), key=lambda kv: kv[1]["mean"])
+
+        def spread(e):
+            parts = ([f"sd {e['sd']:.2f}"] if e["sd"] is not None else []) + [f"n={e['n']}"]
+            return ", ".join(parts + ([f"{e['diverged']} diverged"] if e["diverged"] else []))
+
+        out.append("Mean final test error over seeds, lowest first: "
+                   + "; ".join(f"{ARM_NAMES[a]} {e['mean']:.2f}% ({spread(e)})" for a, e in ranked) + ".")
+    if "nf" in errs:
+        clip = [c for c in agc_clipping(record)["final"].values() if c["mean"] is not None]
+        if clip:
+            out.append(f"AGC clipped {statistics.fmean(c['mean'] for c in clip):.0%} of the units per step on "
+                       f"average over training, and {statistics.fmean(c['last'] for c in clip):.0%} in the last "
+                       f"epoch (NF + AGC final runs, mean over {len(clip)} seeds).")
+    for text, iv, word in claims(record, margin):
+        out.append(f"{text}: {word} (difference {iv.format(2)} points of test error, n={iv.n}).")
+    flat = flatness(record, fraction)
+    if flat:
+        span = next(iter(flat.values()))
+        out.append(f"Largest change of any seed's test error over the last {fraction:.0%} of training (epochs "
+                   f"{span['from_epoch']} to {span['to_epoch']}): "
+                   + "; ".join(f"{ARM_NAMES[a]} {f['max_abs']:.2f}" for a, f in flat.items()) + " points.")
     return out
