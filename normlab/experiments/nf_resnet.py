@@ -465,9 +465,9 @@ def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict
 
 
 #: NF + AGC "matches" BN when the whole interval of their paired difference in final test error lies
-#: within this many points either side of zero. Fixed before the record: a point is a few times the
-#: seed-to-seed spread of a CIFAR ResNet-20's test error (a few tenths of a point), and wide enough
-#: that the interval of three seeds can fall inside it.
+#: within this many points either side of zero. Fixed before the record: a point is expected to be a
+#: few times the seed-to-seed spread of a CIFAR ResNet-20's test error, and wide enough that the
+#: interval of three seeds can fall inside it.
 MATCH_MARGIN = 1.0
 
 #: The chapter's claims: (text, model, reference, direction of `normlab.stats.verdict`). The estimate
