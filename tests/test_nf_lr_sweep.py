@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from normlab.experiments import nf_resnet as exp
 from normlab.stats import t_quantile
 
 CONVERGED = exp.PROFILES["cpu_converged"]
+SMOKE = exp.PROFILES["smoke_converged"]
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_bad_lr_sweep_profiles_name_the_fix(change, match):
 
 
 def test_bad_split_and_bn_impl_name_the_fix(fake_cifar):
-    config = {**exp.PROFILES["smoke"], "val_size": 512}
+    config = {**SMOKE, "val_size": 512}
     with pytest.raises(ValueError, match=r"val_size must be between 1 and 511 \(there are 512 training images\).*nf_resnet.py"):
         exp.run_one({"kind": "sweep", "model": "none", "lr": 0.01, "seed": 0}, config)
     with pytest.raises(ValueError, match="bn_impl must be 'normlab'.*or 'fused'"):
@@ -76,7 +78,7 @@ def test_bad_split_and_bn_impl_name_the_fix(fake_cifar):
 
 
 def test_the_validation_split_is_held_out_and_fixed(fake_cifar):
-    config = {**exp.PROFILES["smoke"], "train_size": None}
+    config = {**SMOKE, "train_size": None}
     trx, _, vx, vy, tex, _, source = exp._val_split(config)
     assert len(vx) == config["val_size"] and len(trx) == 512 - config["val_size"] and len(tex) == 256
     assert trx.shape[-1] == vx.shape[-1] == tex.shape[-1] == 16 and "downsampled to 16x16" in source
@@ -100,7 +102,7 @@ def _sweep_run(model, lr, val_error, seed=0, diverged=False, clip=None):
 
 
 def test_a_final_run_needs_its_sweep(fake_cifar):
-    config = exp.PROFILES["smoke"]
+    config = SMOKE
     run = {"kind": "final", "model": "bn", "seed": 1}
     with pytest.raises(ValueError, match="pass record="):
         exp.run_one(run, config)
@@ -113,7 +115,7 @@ def test_a_final_run_needs_its_sweep(fake_cifar):
         exp.run_one(run, config, record=diverged)
     record["runs"].append(_sweep_run("bn", 0.1, 45.0))  # 0.03 wins on validation error
     out = exp.run_one(run, config, record=record)
-    assert out["metrics"]["lr"] == 0.03 and out["history"][0]["lr"] == pytest.approx(0.03)
+    assert out["metrics"]["lr"] == 0.03 and max(h["lr"] for h in out["history"]) == pytest.approx(0.03)  # after warmup
     assert out["metrics"]["n_val"] == config["val_size"] and out["metrics"]["val_error"] is not None
     assert _untimed(out) == _untimed(exp.run_one(run, config, record=record)), "not deterministic"
 
@@ -122,15 +124,16 @@ def _untimed(result):
     return result["metrics"], [{k: v for k, v in h.items() if k != "time_s"} for h in result["history"]]
 
 
-def test_smoke_sweep_end_to_end(fake_cifar, tmp_path):
-    """The whole smoke profile through the sweep: finals at the lr the readers say was chosen."""
+def test_smoke_converged_end_to_end(fake_cifar, tmp_path):
+    """The whole smoke_converged profile (the chapter's smoke run) through the sweep: finals at the lr the
+    readers say was chosen, and every reader the chapter calls accepts the record."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rec = sweep.sweep("nf_resnet", "smoke", out=tmp_path / "smoke.json", progress=False, log=None)
+        rec = sweep.sweep("nf_resnet", "smoke_converged", out=tmp_path / "s.json", progress=False, log=None)
     finally:
         torch.set_num_threads(threads)
-    assert rec["complete"]
+    assert rec["complete"] and {r["config"]["kind"] for r in rec["runs"]} == {"spp", "sweep", "final"}
     json.dumps(rec, allow_nan=False)
     chosen = exp.chosen_lrs(rec)  # raises if a final run trained at another lr than the sweep chooses
     assert set(chosen) == set(exp.ARMS)
@@ -145,6 +148,11 @@ def test_smoke_sweep_end_to_end(fake_cifar, tmp_path):
     bn = next(r for r in rec["runs"] if r["config"]["kind"] == "final" and r["config"]["model"] == "bn")
     assert bn["metrics"]["precision"] == "bf16" and bn["metrics"]["memory_format"] == "channels_last"
     assert all("val_error" in h and "test_error" in h for h in bn["history"])  # every epoch (eval_every 1)
+    for c in exp.curves(rec).values():
+        assert c["epoch"] == [1, 2] and all(lo <= m <= hi for lo, m, hi in zip(c["min"], c["mean"], c["max"]))
+    assert [row[0].split(" [")[0] for row in exp.claims(rec)] == [t.format(margin=exp.MATCH_MARGIN) for t, *_ in exp.CLAIMS]
+    assert set(exp.spp_summary(rec)) == set(exp.SPP_MODELS)
+    assert len(exp.findings(rec)) == 6 + len(exp.CLAIMS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def test_run_metrics_average_the_per_step_clip_fractions(fake_cifar, monkeypatch
         return seen[-1]
 
     monkeypatch.setattr(nf, "adaptive_grad_clip_", counting)
-    config = {**exp.PROFILES["smoke"], "train_size": 192, "batch_size": 32}  # 6 steps per epoch, 2 epochs
+    config = {**SMOKE, "train_size": 192, "batch_size": 32}  # 6 steps per epoch, 2 epochs
     out = exp.run_one({"kind": "sweep", "model": "nf", "lr": 0.3, "seed": 0}, config)
     assert len(seen) == 12 and all(0 <= f <= 1 for f in seen)
     assert out["metrics"]["agc_clip_fraction"] == pytest.approx(sum(seen) / 12, rel=1e-9)
@@ -274,3 +282,80 @@ def test_readers_refuse_what_they_cannot_read():
     no_nf = {**rec, "config": {**rec["config"], "lrs": {"bn": [0.1]}}}
     with pytest.raises(ValueError, match="no NF \\+ AGC runs"):
         exp.agc_clipping(no_nf)
+
+
+def test_curves_give_known_answers():
+    curves = exp.curves(_fake_record())
+    assert set(curves) == {"bn", "nf", "none"} and curves["bn"]["epoch"] == list(range(1, 11))
+    assert (curves["bn"]["mean"][-1], curves["bn"]["min"][-1], curves["bn"]["max"][-1]) == (25.0, 24.0, 26.0)
+    assert curves["bn"]["mean"][7] == 26.0 and curves["bn"]["mean"][0] == 60.0 and curves["bn"]["n"] == 3
+    assert curves["none"]["n"] == 2 and curves["none"]["mean"][-1] == 35.5  # the diverged seed 2 is left out
+    assert exp.curves(_fake_record(), "train_loss") == {}  # no run has it at every epoch
+
+
+def _with_noagc(rec, errors):
+    """`rec` with NF-without-AGC sweep and final runs at lr 0.03 (final test errors `errors`)."""
+    rec = copy.deepcopy(rec)
+    rec["config"]["lrs"]["nf_noagc"] = [0.03]
+    rec["runs"] += [_sweep_run("nf_noagc", 0.03, 35.0)]
+    rec["runs"] += [_final("nf_noagc", s, 0.03, e, _curve(e, e)) for s, e in errors.items()]
+    return rec
+
+
+def test_claims_give_known_verdicts():
+    rec = _with_noagc(_fake_record(), {1: 30.0, 2: 31.0, 3: 33.0})  # nf_noagc - nf = 7, 8, 10
+    rows = exp.claims(rec)
+    assert [text for text, _, _ in rows] == [
+        "NF + AGC matches BN (within ±1)", "NF without AGC trails NF + AGC",
+        "BN beats the unnormalized net [no norm: 1 of 3 final runs diverged]",
+        "NF + AGC beats the unnormalized net [no norm: 1 of 3 final runs diverged]"]
+    t = t_quantile(0.975, 2)
+    match, trails, bn_none, nf_none = rows
+    # nf - bn = -1, -2, -3: -2 +- t / sqrt(3) = [-4.48, 0.48] reaches past -1 and into +-1
+    assert match[1].estimate == pytest.approx(-2.0) and match[2] == "within noise"
+    assert exp.claims(rec, margin=5.0)[0][0] == "NF + AGC matches BN (within ±5)"
+    assert exp.claims(rec, margin=5.0)[0][2] == "holds"
+    sd = statistics.stdev([7.0, 8.0, 10.0])
+    assert trails[1].estimate == pytest.approx(25 / 3) and trails[2] == "holds"
+    assert trails[1].low == pytest.approx(25 / 3 - t * sd / math.sqrt(3))
+    assert bn_none[1].estimate == pytest.approx((-11 - 65 - 10) / 3) and bn_none[2] == "within noise"
+    assert nf_none[1].estimate == pytest.approx((-12 - 67 - 13) / 3) and nf_none[1].n == 3
+    worse = copy.deepcopy(rec)  # NF + AGC exactly 6 points above BN on every seed: outside the margin
+    for r in worse["runs"]:
+        if r["config"] == {"kind": "final", "model": "nf", "seed": r["seed"]}:
+            r["metrics"]["test_error"] = {1: 30.0, 2: 31.0, 3: 32.0}[r["seed"]]
+    assert exp.claims(worse)[0][1].estimate == pytest.approx(6.0) and exp.claims(worse)[0][2] == "does not hold"
+    partial = {**rec, "runs": [r for r in rec["runs"] if r["config"].get("model") != "none" or r["seed"] == 1]}
+    assert [text for text, _, _ in exp.claims(partial)] == [text for text, _, _ in rows[:2]]  # 1 shared seed: left out
+
+
+def _spp_run(model, var, sq_mean, res_var):
+    history = [{"block": i + 1, "avg_var": v, "avg_sq_mean": m, "res_var": 1.0} for i, (v, m) in enumerate(zip(var, sq_mean))]
+    return {"config": {"kind": "spp", "model": model, "seed": 0}, "seed": 0, "history": history,
+            "metrics": {"blocks": len(history), "mean_res_var": res_var}}
+
+
+def test_spp_summary_and_findings_give_known_answers():
+    rec = _fake_record()
+    rec["config"] = {**rec["config"], "spp_depth": 110, "spp_batch": 64}
+    rec["runs"] = [_spp_run("bn", [0.5, 2.0, 4.0], [0.0, 0.5, 1.0], 0.7),
+                   _spp_run("none", [0.4, 1e6, None], [0.1, 1e6, None], None)] + rec["runs"]
+    spp = exp.spp_summary(rec)
+    assert spp["bn"] == {"blocks": 3, "var_first": 0.5, "var_last": 4.0, "sq_mean_last": 1.0, "mean_shift": 0.25,
+                         "branch_var": 0.7}
+    assert spp["none"]["var_first"] == 0.4 and math.isnan(spp["none"]["var_last"]) and math.isnan(spp["none"]["mean_shift"])
+    lines = exp.findings(rec)
+    assert lines[0].startswith("Signal propagation at initialization (ResNet-110, 64 test images)")
+    assert "BN-ReLU (pre-act) 0.5 and 4; no normalization (pre-act) 0.4 and nan" in lines[0]
+    assert lines[1] == ("Chosen lr (lowest validation error of the sweep): BN 0.1; NF + AGC 0.3; no norm 0.01. "
+                        "At the end of its grid: NF + AGC (high end); no norm (low end).")
+    assert lines[2] == ("Runs that diverged: no norm: sweep at lr 0.03 seed 0 (step 7), final at lr 0.01 seed 2 "
+                        "(step 99); the other networks: none.")
+    assert lines[3] == ("Mean final test error over seeds, lowest first: NF + AGC 23.00% (sd 0.00, n=3); BN 25.00% "
+                        "(sd 1.00, n=3); no norm 53.67% (sd 31.47, n=3, 1 diverged).")
+    assert lines[4] == ("AGC clipped 95% of the units per step on average over training, and 70% in the last epoch "
+                        "(NF + AGC final runs, mean over 3 seeds).")
+    assert lines[5].startswith("NF + AGC matches BN (within ±1): within noise (difference -2.00 [-4.48, 0.48]")
+    assert lines[-1] == ("Largest change of any seed's test error over the last 20% of training (epochs 8 to 10): "
+                         "BN 1.00; NF + AGC 0.50; no norm 0.00 points.")
+    assert exp.findings({**rec, "config": exp.PROFILES["cpu"]}) == lines[:1]  # a record without an lr sweep

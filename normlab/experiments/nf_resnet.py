@@ -12,15 +12,17 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   there and is recorded with `metrics.diverged = True`; so is a run whose epoch-mean training loss
   exceeds 10 ln(classes) (exploded without overflowing).
 
-- `kind="sweep"` and `kind="final"` (profiles with `lrs`, e.g. `cpu_converged`): the same four
-  networks, each at its own best learning rate. A held-out validation split of the training images
-  (`val_size`, drawn once with `split_seed`) chooses it: every lr of `lrs[model]` is trained once per
-  `sweep_seeds` seed, and the lr with the lowest final validation error among the runs that did not
-  diverge (`normlab.selection.choose_lr`) is the one the `final` runs train at, once per `final_seeds` seed (seeds the
-  sweep did not use, so the reported test errors played no part in the choice). A final run needs its
-  model's sweep in the record: `run_one` takes `record` and raises `NotReady` until it is there.
+- `kind="sweep"` and `kind="final"` (profiles with `lrs`: `cpu_converged`, and `smoke_converged`, its
+  code path in seconds): the same four networks, each at its own best learning rate. A held-out
+  validation split of the training images (`val_size`, drawn once with `split_seed`) chooses it: every
+  lr of `lrs[model]` is trained once per `sweep_seeds` seed, and the lr with the lowest final
+  validation error among the runs that did not diverge (`normlab.selection.choose_lr`) is the one the
+  `final` runs train at, once per `final_seeds` seed (seeds the sweep did not use, so the reported test
+  errors played no part in the choice). A final run needs its model's sweep in the record: `run_one`
+  takes `record` and raises `NotReady` until it is there.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
-  `flatness`.
+  `flatness`, `curves`, `claims` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `findings`;
+  `spp_summary` reads the signal propagation runs of any profile.
 
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
 """
@@ -45,15 +47,31 @@ from ..utils import seed_all
 _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3, "momentum": 0.9,
            "nesterov": True, "weight_decay": 5e-4, "warmup_epochs": 0.0, "schedule": "cosine"}
 
+# Each network at its own best lr, trained until the test error barely moves. ResNet-20 on all 50k
+# CIFAR-10 training images less a 5k validation split, at 16 px (as gn_batch_size's cpu_converged),
+# the full 10k test set, 30 epochs with a 1-epoch warmup and cosine decay. One sweep seed per lr (a
+# factor-3 grid: neighbours differ by more than seed noise except near the optimum, where either
+# choice is as good), then 3 fresh seeds at the chosen lr. bf16 + channels_last for every network:
+# FASTEST lists BN only, so "auto" would train BN in bf16 and the NF / unnormalized nets in fp32 (a
+# precision confound, and 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than
+# normlab's on a CPU). Cost, measured through run_one at one thread on a shared, loaded 2-core machine
+# (pessimistic): 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of
+# 15k images: 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
+_CONVERGED = {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
+              "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
+              "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
+              "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
+                      "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
+              "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
+              "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
+              "bn_impl": "fused"}
+
 PROFILES: dict[str, dict[str, Any]] = {
-    # seconds: proves every code path (tiny models, a few steps); numbers are not results
+    # seconds: proves the code path of the fixed-lr profiles (cpu, full) with tiny models and a few
+    # steps; numbers are not results
     "smoke": {**_COMMON, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "batch_size": 64,
               "epochs": 2, "spp_depth": 8, "spp_batch": 8, "spp_models": ["bn", "none", "nf", "nf_nows"],
-              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0],
-              # the code path of cpu_converged: a 2-lr sweep per network, then 2 seeds at the chosen lr
-              "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
-              "sweep_seeds": [0], "final_seeds": [1, 2], "val_size": 64, "split_seed": 2021, "image_size": 16,
-              "padding": 2, "precision": "bf16", "memory_format": "channels_last", "bn_impl": "fused"},
+              "train": [["bn", 0.1], ["none", 0.1], ["nf", 0.8], ["nf_noagc", 0.8]], "seeds": [0]},
     # a reduced reproduction for one shared CPU core: ResNet-20 on a 5,000-image CIFAR-10 subset
     "cpu": {**_COMMON, "depth": 20, "width": 16, "train_size": 5000, "test_size": 2000, "batch_size": 128,
             "epochs": 4, "spp_depth": 110, "spp_batch": 64, "spp_models": ["bn", "none", "nf", "nf_nows"],
@@ -66,26 +84,13 @@ PROFILES: dict[str, dict[str, Any]] = {
              "train": [["bn", 0.1], ["bn", 0.8], ["nf", 0.8], ["nf_noagc", 0.8], ["none", 0.1], ["none", 0.01],
                        ["nf_noagc", 0.1], ["nf", 0.1]],
              "seeds": [0]},
-    # Each network at its own best lr, trained until the test error barely moves (issue: the `cpu`
-    # profile compared BN at lr 0.1 with NF at 0.8, never tried the unnormalized net below 0.1, and
-    # stopped after 4 epochs on 5k images). ResNet-20 on all 50k CIFAR-10 training images less a 5k
-    # validation split, at 16 px (as gn_batch_size's cpu_converged), the full 10k test set, 30 epochs
-    # with a 1-epoch warmup and cosine decay. One sweep seed per lr (a factor-3 grid: neighbours differ
-    # by more than seed noise except near the optimum, where either choice is as good), then 3 fresh
-    # seeds at the chosen lr. bf16 + channels_last for every network: FASTEST lists BN only, so
-    # "auto" would train BN in bf16 and the NF / unnormalized nets in fp32 (a precision confound, and
-    # 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than normlab's on a CPU).
-    # Cost, measured through run_one at one thread on a shared, loaded 2-core machine (pessimistic):
-    # 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of 15k images:
-    # 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
-    "cpu_converged": {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
-                      "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
-                      "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
-                      "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
-                              "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
-                      "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
-                      "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
-                      "bn_impl": "fused"},
+    "cpu_converged": _CONVERGED,
+    # seconds: cpu_converged's code path (spp runs, a 2-lr sweep per network on a validation split, 2
+    # final seeds at the chosen lr) with tiny models on a few hundred 16-px images; numbers are not results
+    "smoke_converged": {**_CONVERGED, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "val_size": 64,
+                        "batch_size": 64, "epochs": 2, "spp_depth": 8, "spp_batch": 8,
+                        "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
+                        "final_seeds": [1, 2]},
 }
 
 SPP_MODELS = ("bn", "none", "nf", "nf_nows")
@@ -437,4 +442,146 @@ def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_
             v = list(seeds.values())
             out[arm] = {"from_epoch": span[0], "to_epoch": span[1], "seeds": seeds, "mean": sum(v) / len(v),
                         "max_abs": max(abs(x) for x in v)}
+    return out
+
+
+def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
+    """`metric` by epoch over each model's final runs: `{model: {"epoch", "mean", "min", "max" (one value
+    per epoch, over seeds), "n" (seeds)}}`. Diverged runs are left out (as in `flatness`; `divergence`
+    lists them), and so are runs without `metric` at every epoch (unfinished, or a larger eval_every)."""
+    epochs = list(range(1, record["config"]["epochs"] + 1))
+    out = {}
+    for arm in _arms(record):
+        rows = []
+        for r in _finals(record, arm):
+            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"] if h.get(metric) is not None}
+            if not r["metrics"].get("diverged") and all(e in by_epoch for e in epochs):
+                rows.append([by_epoch[e] for e in epochs])
+        if rows:
+            per_epoch = list(zip(*rows))
+            out[arm] = {"epoch": epochs, "mean": [statistics.fmean(c) for c in per_epoch],
+                        "min": [min(c) for c in per_epoch], "max": [max(c) for c in per_epoch], "n": len(rows)}
+    return out
+
+
+#: NF + AGC "matches" BN when the whole interval of their paired difference in final test error lies
+#: within this many points either side of zero. Fixed before the record: a point is expected to be a
+#: few times the seed-to-seed spread of a CIFAR ResNet-20's test error, and wide enough that the
+#: interval of three seeds can fall inside it.
+MATCH_MARGIN = 1.0
+
+#: The chapter's claims: (text, model, reference, direction of `normlab.stats.verdict`). The estimate
+#: is test error(model) - test error(reference) in points, paired by final seed: "less" means the
+#: model has the lower error.
+CLAIMS = (
+    ("NF + AGC matches BN (within ±{margin:g})", "nf", "bn", "equivalent"),
+    ("NF without AGC trails NF + AGC", "nf_noagc", "nf", "greater"),
+    ("BN beats the unnormalized net", "bn", "none", "less"),
+    ("NF + AGC beats the unnormalized net", "nf", "none", "less"),
+)
+
+
+def claims(record: dict[str, Any], margin: float = MATCH_MARGIN,
+           confidence: float = 0.95) -> list[tuple[str, Any, str]]:
+    """`(claim, normlab.stats.Interval, verdict)` rows for `normlab.stats.verdict_table`, one per claim of
+    `CLAIMS` whose two models share at least 2 final seeds: the paired difference of final test error
+    over those seeds (`normlab.stats.paired_difference`), judged by `normlab.stats.verdict` (the
+    equivalence claim within `margin` points). Diverged final runs count at the error they stopped with,
+    and the claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]"."""
+    from ..stats import paired_difference, verdict
+
+    finals = {arm: {r["seed"]: r["metrics"] for r in _finals(record, arm)} for arm in _arms(record)}
+    rows = []
+    for text, model, ref, direction in CLAIMS:
+        a, b = finals.get(model, {}), finals.get(ref, {})
+        seeds = [s for s in a if s in b]
+        if len(seeds) < 2:
+            continue
+        iv = paired_difference({s: a[s]["test_error"] for s in seeds}, {s: b[s]["test_error"] for s in seeds},
+                               confidence=confidence)
+        word = verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
+        notes = [f"{ARM_NAMES[m]}: {n} of {len(seeds)} final runs diverged" for m, runs_m in ((model, a), (ref, b))
+                 if (n := sum(bool(runs_m[s].get("diverged")) for s in seeds))]
+        rows.append((text.format(margin=margin) + (f" [{'; '.join(notes)}]" if notes else ""), iv, word))
+    return rows
+
+
+#: How the chapter names the signal propagation networks.
+SPP_NAMES = {"bn": "BN-ReLU (pre-act)", "none": "no normalization (pre-act)", "nf": "NF-ResNet",
+             "nf_nows": "NF-ResNet without scaled WS"}
+
+
+def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The signal propagation runs in numbers: `{model: {"blocks", "var_first", "var_last" (average channel
+    variance after the first and the last block), "sq_mean_last" (average squared channel mean after the
+    last block), "mean_shift" (sq_mean_last / var_last), "branch_var" (residual branch variance, mean over
+    blocks)}}`, in the record's order; `nan` where a statistic overflowed float32 (recorded as null)."""
+    val = lambda x: math.nan if x is None else x  # noqa: E731
+    out = {}
+    for r in record["runs"]:
+        if r["config"].get("kind") != "spp":
+            continue
+        first, last = r["history"][0], r["history"][-1]
+        var_last, sq_last = val(last["avg_var"]), val(last["avg_sq_mean"])
+        out[r["config"]["model"]] = {"blocks": len(r["history"]), "var_first": val(first["avg_var"]),
+                                     "var_last": var_last, "sq_mean_last": sq_last,
+                                     "mean_shift": sq_last / var_last if var_last else math.nan,
+                                     "branch_var": val(r["metrics"]["mean_res_var"])}
+    return out
+
+
+def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: float = 0.2) -> list[str]:
+    """The chapter's results as sentences, every number and verdict read from `record` by the readers
+    above: the signal propagation at initialization (`spp_summary`), the chosen lrs and any at the end of
+    its grid (`chosen_lrs`), the runs that diverged (`divergence`), the final test errors
+    (`final_errors`), AGC's clipped fraction (`agc_clipping`), each of `claims` with its verdict, and how
+    much the test error still moved over the last `fraction` of training (`flatness`). Parts whose runs
+    are not recorded yet are left out."""
+    out = []
+    spp = spp_summary(record)
+    if spp:
+        cfg = record["config"]
+        out.append(f"Signal propagation at initialization (ResNet-{cfg['spp_depth']}, {cfg['spp_batch']} test "
+                   "images): average channel variance after the first and the last block, "
+                   + "; ".join(f"{SPP_NAMES[m]} {s['var_first']:.3g} and {s['var_last']:.3g}" for m, s in spp.items())
+                   + ". Squared channel mean / variance after the last block: "
+                   + "; ".join(f"{SPP_NAMES[m]} {s['mean_shift']:.2f}" for m, s in spp.items()) + ".")
+    if "lrs" not in record.get("config", {}):
+        return out
+    chosen = chosen_lrs(record)
+    if chosen:
+        edges = [f"{ARM_NAMES[a]} ({c['at_edge']} end)" for a, c in chosen.items() if c["at_edge"]]
+        out.append("Chosen lr (lowest validation error of the sweep): "
+                   + "; ".join(f"{ARM_NAMES[a]} {c['lr']:g}" for a, c in chosen.items())
+                   + (f". At the end of its grid: {'; '.join(edges)}." if edges else ". None at the end of its grid."))
+    div = divergence(record)
+    hit = [a for a in div if div[a]]
+    said = "; ".join(f"{ARM_NAMES[a]}: " + ", ".join(f"{d['kind']} at lr {d['lr']:g} seed {d['seed']} (step {d['step']})"
+                                                   for d in div[a]) for a in hit)
+    rest = "; the other networks: none" if 0 < len(hit) < len(div) else ""
+    out.append(f"Runs that diverged: {said}{rest}." if hit else "No run diverged.")
+    errs = final_errors(record)
+    if errs:
+        ranked = sorted(errs.items(), key=lambda kv: kv[1]["mean"])
+
+        def spread(e):
+            parts = ([f"sd {e['sd']:.2f}"] if e["sd"] is not None else []) + [f"n={e['n']}"]
+            return ", ".join(parts + ([f"{e['diverged']} diverged"] if e["diverged"] else []))
+
+        out.append("Mean final test error over seeds, lowest first: "
+                   + "; ".join(f"{ARM_NAMES[a]} {e['mean']:.2f}% ({spread(e)})" for a, e in ranked) + ".")
+    if "nf" in errs:
+        clip = [c for c in agc_clipping(record)["final"].values() if c["mean"] is not None]
+        if clip:
+            out.append(f"AGC clipped {statistics.fmean(c['mean'] for c in clip):.0%} of the units per step on "
+                       f"average over training, and {statistics.fmean(c['last'] for c in clip):.0%} in the last "
+                       f"epoch (NF + AGC final runs, mean over {len(clip)} seeds).")
+    for text, iv, word in claims(record, margin):
+        out.append(f"{text}: {word} (difference {iv.format(2)} points of test error, n={iv.n}).")
+    flat = flatness(record, fraction)
+    if flat:
+        span = next(iter(flat.values()))
+        out.append(f"Largest change of any seed's test error over the last {fraction:.0%} of training (epochs "
+                   f"{span['from_epoch']} to {span['to_epoch']}): "
+                   + "; ".join(f"{ARM_NAMES[a]} {f['max_abs']:.2f}" for a, f in flat.items()) + " points.")
     return out
