@@ -253,6 +253,16 @@ def test_smoke_converged_end_to_end(tmp_path):
     assert {r["lr"] for r in rows if r["placement"] == "pre"} == {config["depth_study"]["lr"]["pre"]}
     flat = P.flatness(rec)
     assert all(r["from_step"] == 9 for r in flat if r["n"])
+    # the chapter's readers, on the one smoke record that stands for both converged records
+    from normlab.stats import VERDICTS, verdict_table
+
+    rows = P.claims(rec, rec)
+    assert len(rows) == 9 and all(word in VERDICTS for _, _, word in rows)
+    assert verdict_table(rows).count("\n") == len(rows)
+    assert set(P.depth_lrs_used(rec, rec)) == {"post", "pre", "deepnorm"}
+    assert [r["placement"] for r in P.grad_profiles(rec)] == ["post", "pre", "deepnorm"]
+    for cell in P.best_cells(rec).values():
+        assert P.mean_curve(rec, cell)["step"][-1] == config["grid"]["steps"]
 
 
 def test_cost_estimate_known_answer():
@@ -270,3 +280,155 @@ def test_cost_estimate_known_answer():
 
 def test_measure_tokens_per_s_runs():
     assert P.measure_tokens_per_s(P.PROFILES["smoke_converged"], depth=2, steps=3, skip=1) > 0
+
+
+# ------------------------------------------------------------------ the chapter's readers and its claims
+
+U = 3.3  # the unigram loss the claims tests pass in (the real one is P.unigram_loss(), ~3.31)
+
+
+def grad_run(placement, depth, seed, layers):
+    config = {"study": "grad_at_init", "placement": placement, "norm": "layernorm", "depth": depth, "seed": seed}
+    return {"key": json.dumps(config, sort_keys=True), "config": config, "seed": seed,
+            "metrics": {"grad_norm_by_layer": layers, "last_over_first": layers[-1] / layers[0]}, "history": []}
+
+
+def claims_grid():
+    """Seeds 0-2. No warmup: post-LN stuck above the unigram loss at lr 1e-2 (scores U), fine at 1e-3 (2.0);
+    pre-LN best at 1e-2 (1.8 + 0.01 s) with or without warmup. Warmup W: post-LN best at 1e-2 (1.7 + 0.02 s).
+    pre-RMSNorm 0.005 above pre-LN. Gradients at init, depth 4: post's last/first 2 + 0.1 s, pre's 0.5."""
+    runs = []
+    for s in range(3):
+        runs += [grad_run("post", 4, s, [1.0, 1.0, 1.0, 2.0 + 0.1 * s]), grad_run("pre", 4, s, [1.0, 0.8, 0.6, 0.5])]
+        runs += [run("grid", "post", 1e-3, s, 2.0, warmup=0), run("grid", "post", 1e-2, s, 3.5, warmup=0),
+                 run("grid", "post", 1e-3, s, 1.9), run("grid", "post", 1e-2, s, 1.7 + 0.02 * s)]
+        for w in (0, W):
+            runs += [run("grid", "pre", 1e-3, s, 2.2, warmup=w), run("grid", "pre", 1e-2, s, 1.8 + 0.01 * s, warmup=w)]
+        runs += [run("grid", "pre", 1e-3, s, 2.3, norm="rmsnorm"),
+                 run("grid", "pre", 1e-2, s, 1.805 + 0.01 * s, norm="rmsnorm")]
+    return record(runs)
+
+
+def claims_depth(placements=("post", "pre", "deepnorm"), **study):
+    """Depth 8: post-LN diverged at seed 0, stuck at seed 1 (3.4), 3.0 at seed 2 (gains 0, 0, 0.3); pre-LN
+    1.8 + 0.05 s (gains 1.5, 1.45, 1.4); DeepNorm diverged at every seed. Depth 2: everyone trains."""
+    finals = {"post": [None, 3.4, 3.0], "pre": [1.8, 1.85, 1.9], "deepnorm": [None, None, None]}
+    runs = []
+    for p in placements:
+        for s in range(3):
+            runs.append(run("depth_study", p, 1e-2, s, 2.0, depth=2))
+            runs.append(run("depth_study", p, 1e-2, s, finals[p][s], depth=8, diverged=finals[p][s] is None))
+    return record(runs, depth_study={"depths": [2, 8], "placements": list(placements), "warmup_steps": W, **study})
+
+
+def test_claims_known_answers():
+    rows = P.claims(claims_grid(), claims_depth(), unigram=U)
+    got = {text: (iv, word) for text, iv, word in rows}
+    assert [text for text, _, _ in rows] == [
+        "at init (depth 4), post-LN's W2 gradient rises more toward the output (Xiong)",
+        "post-LN needs warmup: worse without it, at its best lr with it (Xiong)",
+        "pre-LN trains without warmup where post-LN does not (Xiong)",
+        "pre-LN needs no warmup: best without = best with ±0.02 (Xiong)",
+        "with warmup, post-LN beats pre-LN, each at its best lr (Liu)",
+        "pre-RMSNorm matches pre-LayerNorm ±0.02 (Zhang & Sennrich)",
+        "post-LN fails at depth 8 (Liu)", "pre-LN trains at depth 8 (Liu)", "DeepNorm trains at depth 8 (Wang)"]
+    half = lambda sd: t_quantile(0.975, 2) * sd / math.sqrt(3)  # noqa: E731
+    expected = [  # (estimate, sd of the paired differences, verdict)
+        (1.6, 0.1, "holds"),                 # post 2 + 0.1 s minus pre 0.5
+        (1.58, 0.02, "holds"),               # post without warmup scores U at lr 1e-2: U - (1.7 + 0.02 s)
+        (1.49, 0.01, "holds"),               # U - (1.8 + 0.01 s) at pre-LN's best lr without warmup
+        (0.0, 0.0, "holds"),                 # pre-LN the same with and without warmup
+        (-0.09, 0.01, "holds"),              # (1.7 + 0.02 s) - (1.8 + 0.01 s)
+        (0.005, 0.0, "holds"),
+        (0.1, math.sqrt(0.03), "within noise"),  # gains 0, 0, 0.3: high 0.53 > 0.5
+        (1.45, 0.05, "holds"),
+        (0.0, 0.0, "does not hold"),         # every seed diverged: gains 0
+    ]
+    for (text, iv, word), (est, sd, verdict) in zip(rows, expected):
+        assert iv.n == 3 and iv.estimate == pytest.approx(est, abs=1e-9), text
+        assert (iv.low, iv.high) == pytest.approx((est - half(sd), est + half(sd)), abs=1e-9), text
+        assert word == verdict, text
+    # the same cells read by the readers the chapter prints: identical intervals when nothing failed
+    assert got["with warmup, post-LN beats pre-LN, each at its best lr (Liu)"][0] == P.post_minus_pre(claims_grid())[W]
+    assert got["pre-RMSNorm matches pre-LayerNorm ±0.02 (Zhang & Sennrich)"][0] == P.rms_minus_ln(claims_grid())
+
+
+def test_claims_not_tested_and_left_out():
+    grid = claims_grid()
+    for r in grid["runs"]:  # post-LN with warmup diverges at seed 2 of every lr: no best lr
+        if r["config"]["study"] == "grid" and r["config"]["placement"] == "post" and r["config"]["warmup_steps"] == W \
+                and r["seed"] == 2:
+            r["metrics"].update(diverged=True, val_loss=None)
+    grid["config"]["grid"]["lines"] = []
+    grid["runs"] = [r for r in grid["runs"] if r["config"]["study"] != "grad_at_init"]
+    rows = P.claims(grid, claims_depth(("post", "pre")), unigram=U, margin=0.1)
+    words = {text: (iv, word) for text, iv, word in rows}
+    assert words["post-LN needs warmup: worse without it, at its best lr with it (Xiong)"] == (None, "not tested here")
+    assert words["with warmup, post-LN beats pre-LN, each at its best lr (Liu)"] == (None, "not tested here")
+    assert "pre-LN needs no warmup: best without = best with ±0.1 (Xiong)" in words
+    assert not any("RMSNorm" in t or "DeepNorm" in t or "at init" in t for t in words)
+    assert len(rows) == 6
+
+
+def test_scored_differences_count_a_failed_seed_at_the_unigram_loss():
+    rec = grid_record()  # post-LN at lr 1e-2 diverged at seed 1; finished seeds at 1.5, pre-LN at 1.9
+    iv = P._paired(rec, ("post", "layernorm", 2, 1e-2, 0), ("pre", "layernorm", 2, 1e-2, 0), scored=True, unigram=3.0)
+    assert iv.estimate == pytest.approx((-0.4 + 1.1 - 0.4) / 3)
+    assert P.scored_loss(run("grid", "pre", 1e-3, 0, 3.5), 3.3) == 3.3
+    assert P.scored_loss(run("grid", "pre", 1e-3, 0, 2.5), 3.3) == 2.5
+
+
+def test_best_cell_and_best_cells():
+    rec = claims_grid()
+    cell = P.best_cell(rec, target=1.85)
+    # pre-LN's 1e-2 cells tie with and without warmup: the shorter warmup wins
+    assert (cell["lr"], cell["warmup_steps"], cell["median"], cell["max"], cell["meets"]) == (1e-2, 0, 1.81, 1.82, True)
+    assert P.best_cell(rec)["meets"] is False  # 1.82 > TARGET_LOSS = 1.8
+    assert P.best_cell(rec, "post")["lr"] == 1e-2 and P.best_cell(rec, "post")["warmup_steps"] == W
+    assert P.best_cells(rec) == {("post", "layernorm", 0): ("post", "layernorm", 2, 1e-3, 0),
+                                 ("post", "layernorm", W): ("post", "layernorm", 2, 1e-2, W),
+                                 ("pre", "layernorm", 0): ("pre", "layernorm", 2, 1e-2, 0),
+                                 ("pre", "layernorm", W): ("pre", "layernorm", 2, 1e-2, W),
+                                 ("pre", "rmsnorm", W): ("pre", "rmsnorm", 2, 1e-2, W)}
+    with pytest.raises(ValueError, match="no deepnorm-LN"):
+        P.best_cell(rec, "deepnorm")
+
+
+def test_mean_curve_over_finished_seeds():
+    runs = [run("grid", "pre", 1e-3, 0, 2.0, curve={5: 3.0, 10: 2.0}),
+            run("grid", "pre", 1e-3, 1, 2.2, curve={5: 3.2, 8: 2.5, 10: 2.2}),
+            run("grid", "pre", 1e-3, 2, 2.0, curve={5: 9.0, 10: 9.0}, diverged=True)]
+    curve = P.mean_curve(record(runs), ("pre", "layernorm", 2, 1e-3, W))
+    assert curve["n"] == 2 and curve["step"] == [5, 10]
+    assert curve["mean"] == pytest.approx([3.1, 2.1]) and curve["min"] == [3.0, 2.0] and curve["max"] == [3.2, 2.2]
+    with pytest.raises(ValueError, match="not part of the profile"):
+        P.mean_curve(record(runs), ("pre", "layernorm", 2, 1e-2, W))
+
+
+def test_grad_profiles_and_ratio_difference():
+    rows = P.grad_profiles(claims_grid())
+    assert [(r["depth"], r["placement"], r["n"]) for r in rows] == [(4, "post", 3), (4, "pre", 3)]
+    post = rows[0]
+    assert post["mean"] == pytest.approx([1.0, 1.0, 1.0, 2.1]) and post["ratio"] == pytest.approx(2.1)
+    assert post["seed_ratios"] == pytest.approx({0: 2.0, 1: 2.1, 2: 2.2})
+    assert post["sd"][-1] == pytest.approx(math.sqrt(0.02 / 3)) and post["layer_mean"] == pytest.approx(5.1 / 4)
+    assert P.grad_ratio_difference(claims_grid(), 4).estimate == pytest.approx(1.6)
+    with pytest.raises(ValueError, match=r"no gradients at init of \['deepnorm'\] at depth 4"):
+        P.grad_ratio_difference(claims_grid(), 4, "deepnorm")
+    with pytest.raises(ValueError, match="has no grad_at_init runs"):
+        P.grad_profiles(grid_record())
+
+
+def test_context_gain():
+    iv = P.context_gain(claims_depth(), ("pre", "layernorm", 8, 1e-2, W), unigram=U)
+    assert iv.n == 3 and iv.estimate == pytest.approx(1.45)
+
+
+def test_depth_lrs_used_checks_the_grid_it_came_from():
+    grid, depth = claims_grid(), claims_depth()
+    assert P.depth_lrs_used(grid, depth) == {"post": {"lr": 1e-2, "grid_best": 1e-2},
+                                             "pre": {"lr": 1e-2, "grid_best": 1e-2},
+                                             "deepnorm": {"lr": 1e-2, "grid_best": None}}
+    with pytest.raises(ValueError, match=r"lrs of \['deepnorm'\] are not the best lrs of this grid record"):
+        P.depth_lrs_used(grid, claims_depth(lr_from="cpu_converged"))
+    assert P.depth_lrs_used(grid, claims_depth(("post", "pre"), lr_from="cpu_converged"))["pre"]["lr"] == 1e-2

@@ -28,9 +28,11 @@ profiles replace studies 2 and 3 with a design whose every choice is recorded:
   pre at depth 6 with twice the steps (`budget_gain`).
 - `smoke_converged`: both in seconds, for the tests.
 
-Readers of a converged record (the chapter's cells): `grid_table`, `best_lrs`, `post_minus_pre`,
-`rms_minus_ln`, `depth_table`, `flatness`, `budget_gain`; differences are `normlab.stats.Interval`s,
-paired by seed. `measure_tokens_per_s` and `cost_estimate` size a profile.
+Readers of a converged record (the chapter's cells): `grid_table`, `best_lrs`, `best_cell`, `best_cells`,
+`mean_curve`, `post_minus_pre`, `rms_minus_ln`, `depth_table`, `depth_lrs_used`, `flatness`, `budget_gain`,
+`grad_profiles`, `grad_ratio_difference`, `context_gain`, and `claims` (the verdict table's rows, from the
+grid record and the depth record together); differences are `normlab.stats.Interval`s, paired by seed.
+`measure_tokens_per_s` and `cost_estimate` size a profile.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 
 from normlab import selection
 from normlab.models.transformer import Transformer
-from normlab.stats import Interval, paired_difference
+from normlab.stats import NOT_TESTED, Interval, paired_difference, verdict
 from normlab.tasks import CharLM
 from normlab.train import Trainer, TrainConfig, log_grad_norm
 from normlab.utils import seed_all
@@ -83,9 +85,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 # The converged profiles (see the module docstring). Sizes from measured costs (`measure_tokens_per_s`, one
 # thread of a shared 2-core AMD EPYC, so pessimistic): at batch 16 x context 64 a depth-6 model trains at
 # ~21k tokens/s, depth 12 at ~10.6k, depth 24 at ~5.2k, so a depth-6 run of 3000 steps takes ~2.6 min and
-# the two profiles together ~7.4 CPU-hours (`cost_estimate`). Pilots of pre-LN with warmup (one seed, not
-# recorded: they set only these sizes and where the extra seeds go; the lrs the chapter reads come from the
-# recorded grid): batch 16 x 3000 steps at lr 3e-3 ended at 1.695 nats/char, batch 32 x 1500 steps (same
+# the two profiles together ~7.4 CPU-hours (`cost_estimate`). Single-seed sizing runs of pre-LN with warmup
+# (not recorded: they set only these sizes and where the extra seeds go; the lrs the chapter reads come from
+# the recorded grid): batch 16 x 3000 steps at lr 3e-3 ended at 1.695 nats/char, batch 32 x 1500 steps (same
 # tokens and time) at 1.738 (lr 3e-3) and 1.691 (lr 1e-2), 1.822 at lr 1e-3 even after 2400 steps; each
 # curve still fell ~0.05 over its last 20% (what `flatness` and the budget check measure).
 STEPS, WARMUP = 3000, 300
@@ -430,23 +432,39 @@ def best_lrs(record: dict[str, Any], study: str = "grid") -> dict[tuple[str, str
     return out
 
 
-def _paired(record: dict[str, Any], a: tuple, b: tuple, study_a: str = "grid", study_b: str = "grid") -> Interval:
-    """`paired_difference` of final validation losses, cell `a` minus cell `b`, over their common seeds."""
+def scored_loss(run: dict[str, Any], unigram: float) -> float:
+    """A run's final validation loss with a failure counted as having learned nothing from context: a run
+    that diverged, or ended above the unigram loss `unigram`, scores `unigram` (`min(final, unigram)`)."""
+    final = _final(run)
+    return unigram if final is None else min(final, unigram)
+
+
+def _paired(record: dict[str, Any], a: tuple, b: tuple, study_a: str = "grid", study_b: str = "grid",
+            scored: bool = False, unigram: float | None = None) -> Interval:
+    """`paired_difference` of final validation losses, cell `a` minus cell `b`, over their common seeds.
+    A diverged seed is refused, or, with `scored`, every run is read as its `scored_loss` against `unigram`
+    (default `unigram_loss` of the record's data)."""
     ca, cb = _cells(record, study_a).get(a), _cells(record, study_b).get(b)
     for cell, runs_, study in ((a, ca, study_a), (b, cb, study_b)):
         if runs_ is None:
             raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
         bad = [seed for seed, r in runs_.items() if _final(r) is None]
-        if bad:
+        if bad and not scored:
             raise ValueError(f"{study} cell {dict(zip(CELL, cell))} diverged at seeds {bad}: a difference of final "
-                             "losses needs every seed to finish; report the divergence instead")
+                             "losses needs every seed to finish; report the divergence instead (or pass scored=True)")
+    if scored:
+        unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
+        value = functools.partial(scored_loss, unigram=unigram)
+    else:
+        value = _final
     seeds = [s for s in ca if s in cb]
-    return paired_difference({s: _final(ca[s]) for s in seeds}, {s: _final(cb[s]) for s in seeds})
+    return paired_difference({s: value(ca[s]) for s in seeds}, {s: value(cb[s]) for s in seeds})
 
 
-def post_minus_pre(record: dict[str, Any]) -> dict[int, Interval]:
+def post_minus_pre(record: dict[str, Any], scored: bool = False) -> dict[int, Interval]:
     """`{warmup_steps: Interval}`: post-LN minus pre-LN final validation loss (nats/char), paired by seed,
-    each placement at its own best lr (`best_lrs`) for that warmup. Positive: pre-LN is better."""
+    each placement at its own best lr (`best_lrs`) for that warmup. Positive: pre-LN is better. `scored`:
+    read each run as its `scored_loss` (see `_paired`)."""
     g, best = record["config"]["grid"], best_lrs(record)
     out = {}
     for w in g["warmup_steps"]:
@@ -455,14 +473,15 @@ def post_minus_pre(record: dict[str, Any]) -> dict[int, Interval]:
             raise ValueError(f"at warmup {w} no lr trained {[p for p, v in lrs.items() if v is None]} without "
                              "divergence: there is no best lr to compare at")
         out[w] = _paired(record, ("post", "layernorm", g["depth"], lrs["post"], w),
-                         ("pre", "layernorm", g["depth"], lrs["pre"], w))
+                         ("pre", "layernorm", g["depth"], lrs["pre"], w), scored=scored)
     return out
 
 
-def rms_minus_ln(record: dict[str, Any]) -> Interval:
+def rms_minus_ln(record: dict[str, Any], scored: bool = False) -> Interval:
     """Pre-RMSNorm minus pre-LayerNorm final validation loss, paired by seed, at pre-LayerNorm's best lr
     at the RMSNorm line's warmup (claim C25, "RMSNorm matches LayerNorm": judge it with
-    `verdict(iv, direction="equivalent", margin=...)`, a margin chosen before looking)."""
+    `verdict(iv, direction="equivalent", margin=...)`, a margin chosen before looking: `EQUIVALENCE_MARGIN`).
+    `scored`: read each run as its `scored_loss` (see `_paired`)."""
     g = record["config"]["grid"]
     lines = [line for line in g.get("lines", []) if (line["placement"], line["norm"]) == ("pre", "rmsnorm")]
     if not lines:
@@ -471,7 +490,8 @@ def rms_minus_ln(record: dict[str, Any]) -> Interval:
     lr = best_lrs(record).get(("pre", "layernorm", w))
     if lr is None:
         raise ValueError(f"pre-LN diverged at every lr with warmup {w}: no best lr to compare RMSNorm at")
-    return _paired(record, ("pre", "rmsnorm", g["depth"], lr, w), ("pre", "layernorm", g["depth"], lr, w))
+    return _paired(record, ("pre", "rmsnorm", g["depth"], lr, w), ("pre", "layernorm", g["depth"], lr, w),
+                   scored=scored)
 
 
 def depth_table(record: dict[str, Any], stuck_above: float | None = None) -> list[dict[str, Any]]:
@@ -514,6 +534,195 @@ def budget_gain(record: dict[str, Any]) -> dict[str, Interval]:
         out[cell[0]] = _paired(record, cell, cell, "budget", "depth_study")
     return out
 
+
+
+# --------------------------------------------------------- the chapter: protocol, curves, gradients, claims
+
+#: What the converged budget is sized for: the grid's best pre-LN cell ends at or below this validation
+#: loss (nats/char) at every seed (`best_cell` says whether it does).
+TARGET_LOSS = 1.8
+#: "matches" in the equivalence claims: a difference of final validation loss inside +-0.02 nats/char (2% in
+#: perplexity), fixed before the converged records were made.
+EQUIVALENCE_MARGIN = 0.02
+#: "trains" / "fails" in the depth claims: ends more / less than this far below the unigram loss
+#: (nats/char). A run that learned only the character frequencies gains about 0; the 300-step runs of the
+#: `cpu` profile that trained gained 0.76-0.97.
+TRAINS_GAIN = 0.5
+
+
+def best_cell(record: dict[str, Any], placement: str = "pre", norm: str = "layernorm",
+              target: float = TARGET_LOSS) -> dict[str, Any]:
+    """The grid's best cell of one line (placement, norm) over every lr and warmup: the lowest median final
+    validation loss over seeds among the cells in which no seed diverged (`selection.choose_lr`'s rule;
+    ties: the smaller lr, then the shorter warmup). Its `grid_table` row, with `median`, `target` and
+    `meets` (every seed ended at or below `target`)."""
+    rows = [r for r in grid_table(record) if (r["placement"], r["norm"]) == (placement, norm) and not r["n_diverged"]]
+    if not rows:
+        raise ValueError(f"no {placement}-LN ({norm}) cell of the grid trained without divergence at every seed")
+    rows = [{**r, "median": statistics.median(r["values"].values())} for r in rows]
+    best = min(rows, key=lambda r: (r["median"], r["lr"], r["warmup_steps"]))
+    return {**best, "target": target, "meets": best["max"] <= target}
+
+
+def best_cells(record: dict[str, Any], study: str = "grid") -> dict[tuple[str, str, int], tuple]:
+    """`{(placement, norm, warmup_steps): cell}`: each line's cell (a `CELL` tuple) at its best lr
+    (`best_lrs`); a line whose every lr diverged somewhere is left out."""
+    depth = record["config"][study]["depth"]
+    return {(p, n, w): (p, n, depth, lr, w) for (p, n, w), lr in best_lrs(record, study).items() if lr is not None}
+
+
+def mean_curve(record: dict[str, Any], cell: tuple, study: str = "grid", metric: str = "val_loss") -> dict[str, Any]:
+    """One cell's curve of `metric` over its seeds that did not diverge: `step` (the evaluations all of them
+    have), `mean`, `min`, `max` per step, and `n` (seeds)."""
+    by_seed = _cells(record, study).get(cell)
+    if by_seed is None:
+        raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
+    curves = [{h["step"]: h[metric] for h in r["history"] if h.get(metric) is not None}
+              for r in by_seed.values() if _final(r) is not None]
+    steps = sorted(set.intersection(*map(set, curves))) if curves else []
+    values = [[c[s] for c in curves] for s in steps]
+    return {"step": steps, "mean": [statistics.fmean(v) for v in values], "min": [min(v) for v in values],
+            "max": [max(v) for v in values], "n": len(curves)}
+
+
+def grad_profiles(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gradients at initialization, one row per (depth, placement), sorted by depth, then post, pre,
+    DeepNorm: `depth`, `placement`, `n` (seeds), per layer (input side first) the `mean` and `sd`
+    (population) over seeds of the W2 gradient norm, `ratio` (last / first layer of the seed-averaged
+    profile), `seed_ratios` (`{seed: last / first}`) and `layer_mean` (the mean over layers)."""
+    groups: dict[tuple[int, str], dict[int, list[float]]] = {}
+    for r in record["runs"]:
+        if r["config"]["study"] == "grad_at_init":
+            key = (r["config"]["depth"], r["config"]["placement"])
+            groups.setdefault(key, {})[r["seed"]] = r["metrics"]["grad_norm_by_layer"]
+    if not groups:
+        raise ValueError(f"the record ({record.get('profile')!r}) has no grad_at_init runs: load cpu_converged")
+    rows = []
+    order = lambda kv: (kv[0][0], PLACEMENT_ORDER.get(kv[0][1], 9))  # noqa: E731
+    for (depth, placement), by_seed in sorted(groups.items(), key=order):
+        layers = list(zip(*by_seed.values()))
+        mean = [statistics.fmean(v) for v in layers]
+        rows.append({"depth": depth, "placement": placement, "n": len(by_seed), "mean": mean,
+                     "sd": [statistics.pstdev(v) for v in layers], "ratio": mean[-1] / mean[0],
+                     "seed_ratios": {s: g[-1] / g[0] for s, g in sorted(by_seed.items())},
+                     "layer_mean": statistics.fmean(mean)})
+    return rows
+
+
+def grad_ratio_difference(record: dict[str, Any], depth: int, a: str = "post", b: str = "pre") -> Interval:
+    """`a` minus `b` of the last / first layer ratio of the W2 gradient norm at initialization, at `depth`,
+    paired by seed. Positive: `a`'s profile rises more toward the output (Xiong et al.'s Figure 3)."""
+    rows = {r["placement"]: r for r in grad_profiles(record) if r["depth"] == depth}
+    missing = [p for p in (a, b) if p not in rows]
+    if missing:
+        raise ValueError(f"no gradients at init of {missing} at depth {depth} in the record")
+    ra, rb = rows[a]["seed_ratios"], rows[b]["seed_ratios"]
+    seeds = [s for s in ra if s in rb]
+    return paired_difference({s: ra[s] for s in seeds}, {s: rb[s] for s in seeds})
+
+
+def context_gain(record: dict[str, Any], cell: tuple, study: str = "depth_study",
+                 unigram: float | None = None) -> Interval:
+    """What one cell learned beyond the character frequencies: the unigram loss minus each seed's
+    `scored_loss` (nats/char; 0 for a run that diverged or ended above the unigram loss), the mean over
+    seeds with its t interval."""
+    by_seed = _cells(record, study).get(cell)
+    if by_seed is None:
+        raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
+    unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
+    gains = {s: unigram - scored_loss(r, unigram) for s, r in by_seed.items()}
+    return paired_difference(gains, {s: 0.0 for s in gains})
+
+
+def depth_lrs_used(grid_record: dict[str, Any], depth_record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{placement: {"lr", "grid_best"}}`: the lr of each placement's depth-study runs, and its best lr
+    (`best_lrs`) in `grid_record` at the depth study's warmup (None where it has none). When the depth study
+    took its lrs from a recorded grid (`lr_from`), they must be `grid_record`'s: a ValueError says the depth
+    record was made from another grid."""
+    d = depth_record["config"]["depth_study"]
+    best = best_lrs(grid_record)
+    used: dict[str, set] = {}
+    for cell in _cells(depth_record, "depth_study"):
+        used.setdefault(cell[0], set()).add(cell[3])
+    out = {}
+    for placement, lrs in sorted(used.items(), key=lambda kv: PLACEMENT_ORDER.get(kv[0], 9)):
+        (lr,) = lrs
+        out[placement] = {"lr": lr, "grid_best": best.get((placement, "layernorm", d["warmup_steps"]))}
+    stale = [p for p, v in out.items() if v["lr"] != v["grid_best"]]
+    if "lr_from" in d and stale:
+        raise ValueError(f"the depth record's lrs of {stale} are not the best lrs of this grid record: it was made "
+                         f"from another recording of {d['lr_from']!r}; re-record it after the grid")
+    return out
+
+
+def claims(grid_record: dict[str, Any], depth_record: dict[str, Any], margin: float = EQUIVALENCE_MARGIN,
+           trains_gain: float = TRAINS_GAIN, unigram: float | None = None) -> list[tuple[str, Interval | None, str]]:
+    """The chapter's claims as `(claim, Interval, verdict)` rows for `normlab.stats.verdict_table`, each
+    judged by `normlab.stats.verdict`. W is the grid's warmup, D the depth study's largest depth; losses
+    are final validation losses read as `scored_loss` (a failed seed counts at the unigram loss), paired
+    by seed, each line at its best lr (`best_lrs`) unless said otherwise:
+
+    1. post-LN's W2 gradient at init rises more toward the output than pre-LN's (Xiong et al.): post minus
+       pre of the last / first layer ratio at the grid record's deepest gradient depth, > 0.
+    2. post-LN needs warmup (Xiong et al.): post-LN without minus with warmup, both at post-LN's best lr
+       with warmup, > 0.
+    3. pre-LN trains without warmup where post-LN does not (Xiong et al.): post-LN minus pre-LN, no warmup,
+       both at pre-LN's best lr without warmup, > 0.
+    4. pre-LN needs no warmup (Xiong et al.): pre-LN without minus with warmup, within +-`margin`.
+    5. with warmup post-LN ends below pre-LN (Liu et al.): post minus pre at W, < 0.
+    6. pre-RMSNorm matches pre-LayerNorm (Zhang & Sennrich): `rms_minus_ln`, within +-`margin`.
+    7-9. post-LN fails, pre-LN and DeepNorm train at depth D (Liu et al.; Wang et al.): the `context_gain`
+       of the depth study's cell, < `trains_gain` (post) or > `trains_gain` (pre, DeepNorm).
+
+    A row whose line has no best lr (every lr diverged somewhere) says `NOT_TESTED`, interval None; a
+    claim the records have no cells for (no warmup-free column, no RMSNorm line, a placement missing from
+    the depth study) is left out."""
+    rows: list[tuple[str, Interval | None, str]] = []
+    g = grid_record["config"]["grid"]
+    best, depth, warm = best_lrs(grid_record), g["depth"], max(g["warmup_steps"])
+    paired = functools.partial(_paired, grid_record, scored=True, unigram=unigram)
+
+    def add(text, make, direction, threshold=0.0, needs=()):
+        if any(lr is None for lr in needs):
+            rows.append((text, None, NOT_TESTED))
+            return
+        iv = make()
+        rows.append((text, iv, verdict(iv, direction=direction, threshold=threshold,
+                                       margin=margin if direction == "equivalent" else None)))
+
+    grads = [r for r in grid_record["runs"] if r["config"]["study"] == "grad_at_init"]
+    if grads:
+        deepest = max(r["config"]["depth"] for r in grads)
+        add(f"at init (depth {deepest}), post-LN's W2 gradient rises more toward the output (Xiong)",
+            lambda: grad_ratio_difference(grid_record, deepest), "greater")
+    cell = lambda p, lr, w, n="layernorm": (p, n, depth, lr, w)  # noqa: E731
+    post_w, pre_0, pre_w = (best.get((p, "layernorm", w)) for p, w in (("post", warm), ("pre", 0), ("pre", warm)))
+    if 0 in g["warmup_steps"] and warm:
+        add("post-LN needs warmup: worse without it, at its best lr with it (Xiong)",
+            lambda: paired(cell("post", post_w, 0), cell("post", post_w, warm)), "greater", needs=[post_w])
+        add("pre-LN trains without warmup where post-LN does not (Xiong)",
+            lambda: paired(cell("post", pre_0, 0), cell("pre", pre_0, 0)), "greater", needs=[pre_0])
+        add(f"pre-LN needs no warmup: best without = best with ±{margin:g} (Xiong)",
+            lambda: paired(cell("pre", pre_0, 0), cell("pre", pre_w, warm)), "equivalent", needs=[pre_0, pre_w])
+    add("with warmup, post-LN beats pre-LN, each at its best lr (Liu)",
+        lambda: paired(cell("post", post_w, warm), cell("pre", pre_w, warm)), "less", needs=[post_w, pre_w])
+    rms = [line for line in g.get("lines", []) if (line["placement"], line["norm"]) == ("pre", "rmsnorm")]
+    if rms:
+        w = rms[0]["warmup_steps"]
+        lr = best.get(("pre", "layernorm", w))
+        add(f"pre-RMSNorm matches pre-LayerNorm ±{margin:g} (Zhang & Sennrich)",
+            lambda: paired(cell("pre", lr, w, "rmsnorm"), cell("pre", lr, w)), "equivalent", needs=[lr])
+    table = depth_table(depth_record)
+    deepest = max(r["depth"] for r in table)
+    for placement, direction, text in (("post", "less", "post-LN fails at depth {} (Liu)"),
+                                       ("pre", "greater", "pre-LN trains at depth {} (Liu)"),
+                                       ("deepnorm", "greater", "DeepNorm trains at depth {} (Wang)")):
+        row = next((r for r in table if (r["placement"], r["depth"]) == (placement, deepest)), None)
+        if row is not None:
+            key = tuple(row[k] for k in CELL)
+            add(text.format(deepest), lambda: context_gain(depth_record, key, unigram=unigram), direction,
+                threshold=trains_gain)
+    return rows
 
 # ------------------------------------------------------------------------------------------- the cost
 
