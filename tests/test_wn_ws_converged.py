@@ -124,6 +124,55 @@ def test_flatness_over_the_last_fifth():
         w.flatness(fake_record(), fraction=1.0)
 
 
+def test_curves_mean_and_range_over_finished_seeds():
+    c = w.curves(fake_record())
+    assert set(c) == {"plain", "ws", "ws_gn", "bn"}
+    bn = c["bn"]  # _curve(end, 0.1): end + 0.1 + (5 - e) for epochs 1-3, end + 0.1 at 4, end at 5
+    assert bn["epoch"] == [1, 2, 3, 4, 5] and bn["n"] == 3
+    assert bn["mean"][-1] == pytest.approx(10.0666666, abs=1e-6) and bn["mean"][0] == pytest.approx(14.1666666, abs=1e-6)
+    assert (bn["min"][-1], bn["max"][-1]) == (9.8, 10.4)
+    assert (bn["min"][3], bn["max"][3]) == (pytest.approx(9.9), pytest.approx(10.5))
+    record = fake_record()
+    bn0 = next(r for r in record["runs"] if r["config"] == {"phase": "final", "variant": "bn", "seed": 0})
+    bn0["metrics"]["diverged"] = True                       # a diverged seed is left out
+    bn1 = next(r for r in record["runs"] if r["config"] == {"phase": "final", "variant": "bn", "seed": 1})
+    bn1["history"] = bn1["history"][:3]                     # so is one that stopped before the last epoch
+    c = w.curves(record)
+    assert c["bn"]["n"] == 1 and c["bn"]["mean"][-1] == 9.8 and c["bn"]["min"] == c["bn"]["max"] == c["bn"]["mean"]
+    assert w.flatness(record)["bn"]["n"] == 1
+    for r in record["runs"]:
+        if r["config"] == {"phase": "final", "variant": "bn", "seed": 2}:
+            r["metrics"]["diverged"] = True
+    assert "bn" not in w.curves(record) and "bn" not in w.flatness(record)
+
+
+def test_findings_are_the_readers_in_words():
+    lines = w.findings(fake_record())
+    assert lines[0] == ("Chosen lr: plain 0.1, WS 0.0001, WS + GN 0.03, BN 0.3; at the end of its grid: "
+                        "plain (high end), WS (low end), WS + GN (low end).")
+    assert lines[1] == ("Mean test error over seeds, lowest first: BN 10.07% (n=3), WS + GN 10.27% (n=3), "
+                        "plain 12.07% (n=3), WS 90.00% (n=2).")
+    claim_lines = lines[2:5]
+    assert [line.split(":")[0] for line in claim_lines] == [text for text, _, _ in w.claims(fake_record())]
+    assert claim_lines[0] == ("WS + GN matches BN (within ±0.5): holds "
+                              f"(difference {w.difference(fake_record(), 'ws_gn', 'bn').format(2)} points of test "
+                              "error, n=3).")
+    assert lines[5] == ("WS alone trains (median validation error below 50%) at some lr of its grid "
+                        "(lr 0.0001 to 0.001): does not hold.")
+    assert lines[6] == ("Over the last 20% of training (epochs 4 to 5) the test error of some seed moved by more "
+                        "than 0.25 points: WS + GN (0.50).")
+    assert len(lines) == 7
+    assert w.findings(fake_record(), tol=0.5)[6].endswith("every seed moved by at most 0.5 points.")
+    record = fake_record()  # WS trains at 1e-4 now: its lrs and the best one are named
+    for r in record["runs"]:
+        if r["config"] == {"phase": "sweep", "variant": "ws", "lr": 1e-4, "seed": 100}:
+            r["metrics"]["val_error"] = 20.0
+    assert w.findings(record)[5].endswith(": holds; at 0.0001, best 0.0001 with 20.00% validation error.")
+    sweep_only = fake_record()
+    sweep_only["runs"] = [r for r in sweep_only["runs"] if r["config"]["phase"] == "sweep"]
+    assert len(w.findings(sweep_only)) == 2  # the chosen lrs and WS alone: nothing of the final runs yet
+
+
 def test_readers_refuse_what_they_cannot_read():
     old = {"profile": "cpu", "config": w.PROFILES["cpu"], "runs": []}
     with pytest.raises(ValueError, match="per-variant-lr profile"):

@@ -30,7 +30,8 @@ Two kinds of profile:
 Readers of such a record (`record = normlab.results.load("wn_ws_training", "cpu_converged")`):
 `sweep_table`, `chosen_lrs`, `test_errors`, `difference` (paired by seed, an `Interval`), `claims`
 (rows for `normlab.stats.verdict_table`), `trains_at_any_lr` (does WS alone train at some lr?) and
-`flatness` (the change of test error over the last 20% of training).
+`flatness` (the change of test error over the last 20% of training), `curves` (test error or training loss by
+epoch, over seeds) and `findings` (the results as sentences).
 """
 
 from __future__ import annotations
@@ -460,6 +461,13 @@ def trains_at_any_lr(record: Mapping[str, Any], variant: str = "ws", below: floa
             "verdict": HOLDS if ok else DOES_NOT_HOLD}
 
 
+def _finished(record: Mapping[str, Any], variant: str, metric: str) -> list[dict[str, Any]]:
+    """The final runs of `variant` that did not diverge and have `metric` at the last epoch."""
+    epochs = _config(record)["epochs"]
+    return [r for r in _phase(record, "final", variant) if not r["metrics"].get("diverged")
+            and any(h.get("epoch") == epochs and h.get(metric) is not None for h in r["history"])]
+
+
 def flatness(record: Mapping[str, Any], fraction: float = 0.2, metric: str = "test_error",
              tol: float = 0.25) -> dict[str, dict[str, Any]]:
     """How much `metric` still moved over the last `fraction` of training, per variant's final runs
@@ -470,10 +478,7 @@ def flatness(record: Mapping[str, Any], fraction: float = 0.2, metric: str = "te
     out = {}
     for v in _config(record)["variants"]:
         changes, start = [], None
-        for r in _phase(record, "final", v):
-            if r["metrics"].get("diverged") or not any(h.get("epoch") == epochs and h.get(metric) is not None
-                                                       for h in r["history"]):
-                continue
+        for r in _finished(record, v, metric):
             start, change = selection.tail_change(r["history"], metric, fraction, "epoch", end=epochs)
             changes.append(change)
         if changes:
@@ -481,3 +486,63 @@ def flatness(record: Mapping[str, Any], fraction: float = 0.2, metric: str = "te
             out[v] = {"from_epoch": start, "to_epoch": epochs, "change": statistics.mean(changes),
                       "max_abs_change": worst, "n": len(changes), "flat": worst <= tol}
     return out
+
+
+def curves(record: Mapping[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
+    """`metric` by epoch of each variant's final runs: `{variant: {"epoch", "mean", "min", "max" (lists, one
+    value per epoch, over seeds), "n" (seeds)}}`. Diverged and unfinished runs are left out (as in
+    `flatness`), and so are variants without a finished final run."""
+    epochs = list(range(1, _config(record)["epochs"] + 1))
+    out = {}
+    for v in _config(record)["variants"]:
+        rows = []
+        for r in _finished(record, v, metric):
+            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"]}
+            if all(by_epoch.get(e) is not None for e in epochs):
+                rows.append([by_epoch[e] for e in epochs])
+        if rows:
+            per_epoch = list(zip(*rows))
+            out[v] = {"epoch": epochs, "mean": [statistics.mean(c) for c in per_epoch],
+                      "min": [min(c) for c in per_epoch], "max": [max(c) for c in per_epoch], "n": len(rows)}
+    return out
+
+
+#: How the chapter names the variants in tables, figures and `findings`.
+LABELS = {"plain": "plain", "wn": "WN", "ws": "WS", "sws": "scaled WS", "ws_gn": "WS + GN", "bn": "BN"}
+
+
+def findings(record: Mapping[str, Any], margin: float | None = None, fraction: float = 0.2,
+             tol: float = 0.25) -> list[str]:
+    """The chapter's results as sentences, every number and verdict read from `record` by the readers
+    above: the chosen lrs (and any at the end of its grid), the mean test errors ranked, each of `claims`
+    with its verdict, whether WS alone trains at some lr (`trains_at_any_lr`), and whether the test error
+    had stopped moving over the last `fraction` of training (`flatness`, `tol` points). Parts whose runs
+    are not recorded yet are left out."""
+    config = _config(record)
+    lines = []
+    chosen = chosen_lrs(record)
+    if chosen:
+        edges = [f"{LABELS[v]} ({c['at_edge']} end)" for v, c in chosen.items() if c["at_edge"]]
+        lines.append("Chosen lr: " + ", ".join(f"{LABELS[v]} {c['lr']:g}" for v, c in chosen.items()) + "; "
+                     + (f"at the end of its grid: {', '.join(edges)}." if edges else "every one inside its grid."))
+    errors = {v: e for v, e in test_errors(record).items() if e["mean"] is not None}
+    if errors:
+        ranked = sorted(errors, key=lambda v: errors[v]["mean"])
+        lines.append("Mean test error over seeds, lowest first: "
+                     + ", ".join(f"{LABELS[v]} {errors[v]['mean']:.2f}% (n={errors[v]['n']})" for v in ranked) + ".")
+    for text, iv, word in claims(record, margin):
+        lines.append(f"{text}: {word} (difference {iv.format(2)} points of test error, n={iv.n}).")
+    if "ws" in config["variants"] and _phase(record, "sweep", "ws"):
+        t = trains_at_any_lr(record, "ws")
+        grid = f"lr {t['grid'][0]:g} to {t['grid'][1]:g}"
+        lines.append(f"WS alone trains (median validation error below {config['trains_below']:g}%) at some lr of "
+                     f"its grid ({grid}): {t['verdict']}" + (f"; at {', '.join(f'{lr:g}' for lr in t['lrs'])}, best "
+                     f"{t['best_lr']:g} with {t['best_val_error']:.2f}% validation error." if t["trains"] else "."))
+    flat = flatness(record, fraction, tol=tol)
+    if flat:
+        moving = [f"{LABELS[v]} ({f['max_abs_change']:.2f})" for v, f in flat.items() if not f["flat"]]
+        span = f"epochs {min(f['from_epoch'] for f in flat.values())} to {config['epochs']}"
+        lines.append(f"Over the last {fraction:.0%} of training ({span}) the test error of "
+                     + (f"every seed moved by at most {tol:g} points." if not moving else
+                        f"some seed moved by more than {tol:g} points: {', '.join(moving)}."))
+    return lines
