@@ -176,6 +176,20 @@ def runs_where(record: dict[str, Any], **conditions: Any) -> list[dict[str, Any]
     return [r for r in record["runs"] if all(r["config"].get(k) == v for k, v in conditions.items())]
 
 
+def band(runs: list[dict[str, Any]], metric: str, x: str = "epoch") -> dict[str, Any] | None:
+    """A curve over seeds: `{x: [...], "mean", "min", "max"}` of `metric` in the runs' history rows, at the
+    `x` values (epochs or steps) every run has a value at, and `"n"` (runs); None without runs. What the
+    chapters draw as a line (the mean) in a band (the seed range)."""
+    curves = [{h[x]: h[metric] for h in r["history"] if h.get(metric) is not None and h.get(x) is not None}
+              for r in runs]
+    if not curves:
+        return None
+    xs = sorted(set.intersection(*map(set, curves)))
+    values = [[c[v] for c in curves] for v in xs]
+    return {x: xs, "mean": [sum(v) / len(v) for v in values], "min": [min(v) for v in values],
+            "max": [max(v) for v in values], "n": len(curves)}
+
+
 def by_seed(record: dict[str, Any], metric: str, drop_missing: bool = False, **conditions: Any) -> dict[int, Any]:
     """`{seed: metrics[metric]}` of the runs matching `conditions`: None where a run has no value, or,
     with `drop_missing`, those seeds left out."""

@@ -401,16 +401,11 @@ def seed_stats(record: dict[str, Any], metric: str = "test_error", epochs: int |
 def curve(record: dict[str, Any], norm: str, n: int, metric: str = "train_error", epochs: int | None = None):
     """`metric` against epoch for (norm, N), from the runs' history rows, over seeds: `{"epoch", "mean",
     "min", "max"}` (lists over the epochs every seed has a value at) and `"n"` (seeds); None without runs."""
+    from ..results import band
+
     epochs = headline_epochs(record) if epochs is None else epochs
-    rows = [{h["epoch"]: h[metric] for h in r["history"] if h.get(metric) is not None}
-            for r in record["runs"] if r["config"]["norm"] == norm and r["config"]["batch_size"] == n
-            and _epochs(record, r) == epochs]
-    if not rows:
-        return None
-    ep = sorted(set.intersection(*(set(r) for r in rows)))
-    vals = [[r[e] for r in rows] for e in ep]
-    return {"epoch": ep, "mean": [sum(v) / len(v) for v in vals], "min": [min(v) for v in vals],
-            "max": [max(v) for v in vals], "n": len(rows)}
+    return band([r for r in record["runs"] if r["config"]["norm"] == norm and r["config"]["batch_size"] == n
+                 and _epochs(record, r) == epochs], metric)
 
 
 def gn_minus_bn(record: dict[str, Any], n: int, metric: str = "test_error", epochs: int | None = None):

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import NotReady
 from .. import selection
+from ..results import band
 from ..nf import NFResNet, PreActResNet, agc_hook, agc_parameters, signal_propagation
 from ..tasks import ImageClassification, channel_stats
 from ..train import Trainer, TrainConfig
@@ -449,18 +450,15 @@ def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict
     """`metric` by epoch over each model's final runs: `{model: {"epoch", "mean", "min", "max" (one value
     per epoch, over seeds), "n" (seeds)}}`. Diverged runs are left out (as in `flatness`; `divergence`
     lists them), and so are runs without `metric` at every epoch (unfinished, or a larger eval_every)."""
-    epochs = list(range(1, record["config"]["epochs"] + 1))
+    epochs = record["config"]["epochs"]
     out = {}
     for arm in _arms(record):
-        rows = []
-        for r in _finals(record, arm):
-            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"] if h.get(metric) is not None}
-            if not r["metrics"].get("diverged") and all(e in by_epoch for e in epochs):
-                rows.append([by_epoch[e] for e in epochs])
-        if rows:
-            per_epoch = list(zip(*rows))
-            out[arm] = {"epoch": epochs, "mean": [statistics.fmean(c) for c in per_epoch],
-                        "min": [min(c) for c in per_epoch], "max": [max(c) for c in per_epoch], "n": len(rows)}
+        # finished runs only: a diverged run's curve stops early and would cut every other seed's short
+        done = [r for r in _finals(record, arm) if not r["metrics"].get("diverged")
+                and any(h.get("epoch") == epochs and h.get(metric) is not None for h in r["history"])]
+        curve = band(done, metric)
+        if curve is not None:
+            out[arm] = curve
     return out
 
 

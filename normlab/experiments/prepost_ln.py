@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from normlab import selection
+from normlab.results import band
 from normlab.models.transformer import Transformer
 from normlab.stats import NOT_TESTED, Interval, paired_difference, verdict
 from normlab.tasks import CharLM
@@ -577,12 +578,8 @@ def mean_curve(record: dict[str, Any], cell: tuple, study: str = "grid", metric:
     by_seed = _cells(record, study).get(cell)
     if by_seed is None:
         raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
-    curves = [{h["step"]: h[metric] for h in r["history"] if h.get(metric) is not None}
-              for r in by_seed.values() if _final(r) is not None]
-    steps = sorted(set.intersection(*map(set, curves))) if curves else []
-    values = [[c[s] for c in curves] for s in steps]
-    return {"step": steps, "mean": [statistics.fmean(v) for v in values], "min": [min(v) for v in values],
-            "max": [max(v) for v in values], "n": len(curves)}
+    curve = band([r for r in by_seed.values() if _final(r) is not None], metric, "step")
+    return curve or {"step": [], "mean": [], "min": [], "max": [], "n": 0}
 
 
 def grad_profiles(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import data, selection
+from ..results import band
 from ..models.small import VARIANTS, SmallCNN
 from ..stats import DOES_NOT_HOLD, HOLDS, Interval, paired_difference, verdict
 from ..tasks import ImageClassification
@@ -492,18 +493,11 @@ def curves(record: Mapping[str, Any], metric: str = "test_error") -> dict[str, d
     """`metric` by epoch of each variant's final runs: `{variant: {"epoch", "mean", "min", "max" (lists, one
     value per epoch, over seeds), "n" (seeds)}}`. Diverged and unfinished runs are left out (as in
     `flatness`), and so are variants without a finished final run."""
-    epochs = list(range(1, _config(record)["epochs"] + 1))
     out = {}
     for v in _config(record)["variants"]:
-        rows = []
-        for r in _finished(record, v, metric):
-            by_epoch = {h.get("epoch"): h.get(metric) for h in r["history"]}
-            if all(by_epoch.get(e) is not None for e in epochs):
-                rows.append([by_epoch[e] for e in epochs])
-        if rows:
-            per_epoch = list(zip(*rows))
-            out[v] = {"epoch": epochs, "mean": [statistics.mean(c) for c in per_epoch],
-                      "min": [min(c) for c in per_epoch], "max": [max(c) for c in per_epoch], "n": len(rows)}
+        curve = band(_finished(record, v, metric), metric)
+        if curve is not None:
+            out[v] = curve
     return out
 
 
