@@ -250,8 +250,10 @@ def test_gn_batch_size_profiles_are_consistent():
 
     for name, cfg in exp.PROFILES.items():
         runs = exp.runs(cfg)
-        lengths = len(cfg.get("epoch_list") or [None])
-        assert len(runs) == len(cfg["norms"]) * len(cfg["batch_sizes"]) * len(cfg["seeds"]) * lengths, name
+        # every N at the first length; the longer lengths only at the doubling N, if the profile names them
+        longer_ns = len(cfg.get("doubling_batch_sizes") or cfg["batch_sizes"])
+        cells = len(cfg["batch_sizes"]) + longer_ns * (len(cfg.get("epoch_list") or [None]) - 1)
+        assert len(runs) == len(cfg["norms"]) * len(cfg["seeds"]) * cells, name
         assert len({json_key(r) for r in runs}) == len(runs)
         for n in cfg["batch_sizes"]:  # GN groups divide every stage's channels; workers split the batch
             assert all((w * cfg["width"]) % cfg["gn_groups"] == 0 for w in (1, 2, 4))
@@ -259,7 +261,8 @@ def test_gn_batch_size_profiles_are_consistent():
         assert exp.train_config({"norm": "gn", "batch_size": 32, "seed": 0}, cfg).lr == pytest.approx(cfg["base_lr"])
     assert all(r["epochs"] == 20 for r in longer.runs(longer.PROFILES["cpu"]))
     converged = exp.runs(exp.PROFILES["cpu_converged"])
-    assert [r["epochs"] for r in converged] == [30] * 30 + [60] * 30  # the shorter runs first
+    assert [r["epochs"] for r in converged] == [30] * 30 + [60] * 12  # the shorter runs first
+    assert {r["batch_size"] for r in converged if r["epochs"] == 60} == {32, 2}  # doubling only where judged
     assert [r["seed"] for r in longer.runs(longer.PROFILES["cpu"])][:4] == [0] * 4  # seed-major order
     with pytest.raises(ValueError, match="norm must be"):
         exp.norm_layer("ln", exp.PROFILES["smoke"])
