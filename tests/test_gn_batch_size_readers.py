@@ -193,3 +193,12 @@ def test_paper_differences():
     assert p["bn_small_minus_large"] == pytest.approx(11.1) and p["gn_small_minus_large"] == pytest.approx(0.0)
     assert p["gn_spread"] == pytest.approx(0.2)
     assert p["gn_minus_bn"][32] == pytest.approx(0.5) and p["gn_minus_bn"][2] == pytest.approx(-10.6)
+
+
+def test_verdicts_wait_for_three_seeds():
+    # two seeds give an interval, but no verdict: the book's minimum for a compared cell is 3
+    two = _record({("bn", 32, 30): [22.0, 23.0], ("gn", 32, 30): [28.0, 29.5],
+                   ("bn", 2, 30): [26.0, 27.0], ("gn", 2, 30): [28.0, 28.5]})
+    rows = exp.verdicts(two)["rows"]
+    assert all(word == "not tested here" for _, _, word in rows)
+    assert rows[2][1] is not None and rows[2][1].n == 2
