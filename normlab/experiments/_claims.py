@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .. import selection
-from ..results import by_seed, runs_where  # noqa: F401 (by_seed: the readers' import)
+from ..results import runs_where
 from ..stats import Interval, paired_difference
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig
@@ -133,13 +133,9 @@ def steps_to_target(history: list[Mapping[str, Any]], target_error: float, metri
 # ----------------------------------------------------------------------------------- record readers
 
 
-#: The runs whose config has every `key=value` given (`normlab.results.runs_where`).
-select = runs_where
-
-
 def grid(record: Mapping[str, Any], key: str, **conditions: Any) -> list[Any]:
     """The sorted distinct values of config `key` among the runs matching `conditions`."""
-    return sorted({r["config"][key] for r in select(record, **conditions)})
+    return sorted({r["config"][key] for r in runs_where(record, **conditions)})
 
 
 def _cell_ok(runs: list[dict[str, Any]], max_error: float | None) -> bool:
@@ -149,7 +145,7 @@ def _cell_ok(runs: list[dict[str, Any]], max_error: float | None) -> bool:
 
 def trains(record: Mapping[str, Any], max_error: float | None = None, **conditions: Any) -> bool:
     """Every recorded seed of the cell finished without diverging (and below `max_error` percent, if given)."""
-    return _cell_ok(select(record, **conditions), max_error)
+    return _cell_ok(runs_where(record, **conditions), max_error)
 
 
 def best_lr(record: Mapping[str, Any], criterion: str = "test_error", target_error: float | None = None,
@@ -177,7 +173,7 @@ def best_lr(record: Mapping[str, Any], criterion: str = "test_error", target_err
         steps = steps_to_target(r["history"], target_error)
         return math.inf if steps is None else steps
 
-    scores = {lr: [score(r) for r in select(record, lr=lr, **conditions)] for lr in lrs}
+    scores = {lr: [score(r) for r in runs_where(record, lr=lr, **conditions)] for lr in lrs}
     return selection.choose_lr(scores, str(conditions))
 
 

@@ -35,6 +35,7 @@ from ..stats import Interval, paired_difference
 from ..train import log_grad_norm
 from ..utils import seed_all
 from . import _claims
+from .. import results
 
 #: arch -> (norm, residual)
 ARCHS: dict[str, tuple[str, bool]] = {"plain_none": ("none", False), "plain_bn": ("bn", False),
@@ -113,7 +114,7 @@ def steps_to_target_at_best(record: dict[str, Any], arch: str, depth: int, targe
     target = record["config"]["target_error"] if target_error is None else target_error
     lr = best_lr(record, arch, depth, criterion)
     return {r["seed"]: _claims.steps_to_target(r["history"], target)
-            for r in _claims.select(record, arch=arch, depth=depth, lr=lr)}
+            for r in results.runs_where(record, arch=arch, depth=depth, lr=lr)}
 
 
 def slowdown(record: dict[str, Any], depth: int, slow: str = "plain_none", fast: str = "plain_bn",
@@ -127,8 +128,8 @@ def slowdown(record: dict[str, Any], depth: int, slow: str = "plain_none", fast:
 
 def error_gap(record: dict[str, Any], depth: int, arch: str = "plain_none", reference: str = "plain_bn") -> Interval:
     """Final test error of `arch` minus `reference` (points) at `depth`, each at its best lr, paired by seed."""
-    a = _claims.by_seed(record, "test_error", arch=arch, depth=depth, lr=best_lr(record, arch, depth))
-    b = _claims.by_seed(record, "test_error", arch=reference, depth=depth, lr=best_lr(record, reference, depth))
+    a = results.by_seed(record, "test_error", arch=arch, depth=depth, lr=best_lr(record, arch, depth))
+    b = results.by_seed(record, "test_error", arch=reference, depth=depth, lr=best_lr(record, reference, depth))
     return paired_difference(a, b)
 
 
@@ -146,7 +147,7 @@ def table(record: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append({"depth": depth, "arch": arch, "trains": False, "lr": None})
                 continue
             steps = list(steps_to_target_at_best(record, arch, depth).values())
-            errors = _claims.by_seed(record, "test_error", arch=arch, depth=depth, lr=lr).values()
+            errors = results.by_seed(record, "test_error", arch=arch, depth=depth, lr=lr).values()
             rows.append({"depth": depth, "arch": arch, "trains": trains(record, arch, depth), "lr": lr,
                          "test_error": statistics.median(errors),
                          "steps_to_target": None if None in steps else statistics.median(steps)})

@@ -288,7 +288,7 @@ def _cell(record: dict[str, Any], norm: str, n: int, epochs: int | None, metric:
     """`{seed: metric}` of (norm, N), at `epochs` when the record trains several lengths (`epoch_list`)."""
     return {r["seed"]: r["metrics"][metric] for r in record["runs"]
             if r["config"]["norm"] == norm and r["config"]["batch_size"] == n
-            and (epochs is None or r["config"].get("epochs", record["config"]["epochs"]) == epochs)
+            and (epochs is None or _epochs(record, r) == epochs)
             and r["metrics"].get(metric) is not None}
 
 

@@ -29,6 +29,7 @@ import torch
 from ..models.small import NormCNN
 from ..utils import seed_all
 from . import _claims
+from .. import results
 
 NORMS = ("bn", "gn", "ln", "none")
 
@@ -124,7 +125,7 @@ def steps_to_target_at_best(record: dict[str, Any], norm: str, target_error: flo
     target = record["config"]["target_error"] if target_error is None else target_error
     lr = best_lr(record, norm, criterion)
     return {r["seed"]: _claims.steps_to_target(r["history"], target)
-            for r in _claims.select(record, norm=norm, lr=lr)}
+            for r in results.runs_where(record, norm=norm, lr=lr)}
 
 
 def convergence_speedup(record: dict[str, Any], norm: str = "bn", baseline: str = "none",
@@ -140,4 +141,4 @@ def convergence_speedup(record: dict[str, Any], norm: str = "bn", baseline: str 
 
 def final_error_at_best(record: dict[str, Any], norm: str) -> dict[int, float]:
     """`{seed: final test error}` of `norm` at its `best_lr`."""
-    return _claims.by_seed(record, "test_error", norm=norm, lr=best_lr(record, norm))
+    return results.by_seed(record, "test_error", norm=norm, lr=best_lr(record, norm))

@@ -30,6 +30,7 @@ from ..models.small import NormCNN
 from ..stats import Interval, paired_difference
 from ..utils import seed_all
 from . import _claims
+from .. import results
 from .lr_by_norm import NORMS
 
 _COMMON: dict[str, Any] = {
@@ -117,12 +118,12 @@ def best_lr(record: dict[str, Any], norm: str, n_train: int) -> float:
     import statistics
 
     return min(ok, key=lambda lr: (statistics.median(
-        _claims.by_seed(record, "val_error", norm=norm, n_train=n_train, lr=lr).values()), lr))
+        results.by_seed(record, "val_error", norm=norm, n_train=n_train, lr=lr).values()), lr))
 
 
 def at_best(record: dict[str, Any], norm: str, n_train: int, metric: str = "test_error") -> dict[int, float]:
     """`{seed: metric}` of `norm` at `n_train` images and its `best_lr`."""
-    return _claims.by_seed(record, metric, norm=norm, n_train=n_train, lr=best_lr(record, norm, n_train))
+    return results.by_seed(record, metric, norm=norm, n_train=n_train, lr=best_lr(record, norm, n_train))
 
 
 def paired_gap(record: dict[str, Any], norm: str, n_train: int, reference: str = "bn",

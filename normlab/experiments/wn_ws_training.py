@@ -262,11 +262,12 @@ def select_lr(sweep_runs: list[Mapping[str, Any]], variant: str = "") -> tuple[f
     """The lr `normlab.selection.choose_lr` picks from `sweep_runs` (recorded runs of one variant: the lowest
     median validation error among lrs at which no seed diverged, ties to the smaller lr), and the table it
     was chosen from (`lr_table`). The same rule for the final runs and the readers, so both name the same lr."""
+    scores = _scores(sweep_runs)
     try:
-        lr = selection.choose_lr(_scores(sweep_runs), repr(variant))
+        lr = selection.choose_lr(scores, repr(variant))
     except ValueError as e:
         raise ValueError(f"{e}: lr_grid[{variant!r}] in normlab/experiments/wn_ws_training.py") from None
-    return lr, lr_table(sweep_runs)
+    return lr, selection.lr_table(scores, name="val_error")
 
 
 def _sweep_keys(config: Mapping[str, Any], variant: str) -> list[str]:
