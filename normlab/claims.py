@@ -235,7 +235,7 @@ def bn_small_batches() -> Measured:
     for n in sizes[1:]:
         iv = stats.paired_difference(_test_errors(record, norm="bn", batch_size=n), ref)
         values[f"bn_N{n}_minus_N{large}"] = interval(iv)
-        worse.append((n, stats.verdict(iv)))
+        worse.append((n, stats.seed_verdict(iv)))
     gn_small = statistics.mean(_test_errors(record, norm="gn", batch_size=sizes[-1]).values())
     bn_small = statistics.mean(_test_errors(record, norm="bn", batch_size=sizes[-1]).values())
     values[f"bn_error_N{sizes[-1]}"] = num(bn_small, 3)
@@ -256,8 +256,8 @@ def gn_matches_and_beats() -> Measured:
     diff = {n: stats.paired_difference(_test_errors(record, norm="gn", batch_size=n),
                                        _test_errors(record, norm="bn", batch_size=n)) for n in (large, small)}
     values = {f"gn_minus_bn_N{large}": interval(diff[large]), f"gn_minus_bn_N{small}": interval(diff[small])}
-    matches = stats.verdict(diff[large], direction="equivalent", margin=1.0)
-    beats = stats.verdict(diff[small], direction="less")
+    matches = stats.seed_verdict(diff[large], direction="equivalent", margin=1.0)
+    beats = stats.seed_verdict(diff[small], direction="less")
     values["matches_at_N32_within_1_point"] = matches
     values[f"beats_at_N{small}"] = beats
     return Measured(values, combine([matches, beats]), [path])
@@ -504,7 +504,7 @@ def sync_bn() -> Measured:
               "sbn_step_time_over_bn": num(cost["sbn_over_bn"], 3), "bytes_per_step": cost["sync_bytes_per_step"],
               "processes": cost["world_size"]}
     # "Needs SyncBN" holds where per-worker batches are small (SyncBN lowers the error), at a cost.
-    return Measured(values, "partly" if stats.verdict(vs_bn, direction="less") == stats.HOLDS else "does not hold",
+    return Measured(values, "partly" if stats.seed_verdict(vs_bn, direction="less") == stats.HOLDS else "does not hold",
                     [path])
 
 
@@ -588,8 +588,8 @@ def small_data_regularization() -> Measured:
     gap = exp.paired_gap(record, "none", small)
     overfit = exp.paired_gap(record, "ln", small, metric="generalization_gap")
     values[f"ln_minus_bn_generalization_gap_n{small}"] = interval(overfit)
-    parts.append(stats.verdict(gap, direction="greater", threshold=5.0))  # "5-10% better": at least 5 points
-    parts.append(stats.verdict(overfit, direction="greater"))  # "LN overfits more"
+    parts.append(stats.seed_verdict(gap, direction="greater", threshold=5.0))  # "5-10% better": at least 5 points
+    parts.append(stats.seed_verdict(overfit, direction="greater"))  # "LN overfits more"
     values["bn_better_by_5_points_or_more"], values["ln_overfits_more"] = parts
     return Measured(values, combine(parts), [path])
 
@@ -602,7 +602,7 @@ def layernorm_in_cnns() -> Measured:
     record, path = record_path("small_data", "cpu")
     sizes = record["config"]["sizes"]
     values = {f"ln_minus_bn_n{n}": interval(exp.paired_gap(record, "ln", n)) for n in sizes}
-    worse = stats.verdict(exp.paired_gap(record, "ln", max(sizes)), direction="greater")
+    worse = stats.seed_verdict(exp.paired_gap(record, "ln", max(sizes)), direction="greater")
     return Measured(values, combine([worse]), [path])
 
 

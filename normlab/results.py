@@ -190,6 +190,14 @@ def band(runs: list[dict[str, Any]], metric: str, x: str = "epoch") -> dict[str,
             "max": [max(v) for v in values], "n": len(curves)}
 
 
+def finished(runs: list[dict[str, Any]], metric: str, at: Any, x: str = "epoch") -> list[dict[str, Any]]:
+    """The runs that did not diverge and have `metric` at `x == at` (the last epoch or step): the runs a
+    curve over seeds (`band`) or a convergence check may use, since a diverged or unfinished run's curve
+    stops early and would cut every other seed's short."""
+    return [r for r in runs if not r["metrics"].get("diverged")
+            and any(h.get(x) == at and h.get(metric) is not None for h in r["history"])]
+
+
 def by_seed(record: dict[str, Any], metric: str, drop_missing: bool = False, **conditions: Any) -> dict[int, Any]:
     """`{seed: metrics[metric]}` of the runs matching `conditions`: None where a run has no value, or,
     with `drop_missing`, those seeds left out."""

@@ -3,6 +3,8 @@
 Every experiment that tunes a learning rate picks it with the same rule, so "each arm at its best lr"
 means the same thing in every chapter:
 
+- `sweep_scores(runs)`: the `{lr: [score of each seed, None where it diverged]}` map the two below take,
+  from recorded sweep runs (each with `config["lr"]` and the score in its metrics).
 - `lr_table(scores)`: per lr, the **median** over seeds of the score (validation error or loss; lower is
   better), how many seeds there were and how many diverged. A lr at which any seed diverged gets no score:
   a setting that fails one seed in three is not one a practitioner would pick.
@@ -24,7 +26,17 @@ import math
 import statistics
 from typing import Any, Mapping, Sequence
 
-__all__ = ["lr_table", "choose_lr", "edge", "tail_change"]
+__all__ = ["sweep_scores", "lr_table", "choose_lr", "edge", "tail_change"]
+
+
+def sweep_scores(runs: Sequence[Mapping[str, Any]], metric: str = "val_error") -> dict[float, list[float | None]]:
+    """`{lr: [metrics[metric] of each run at that lr, None where the run diverged]}` of recorded sweep runs
+    (already filtered to one arm), in the runs' order: what `lr_table` and `choose_lr` read."""
+    out: dict[float, list[float | None]] = {}
+    for r in runs:
+        m = r["metrics"]
+        out.setdefault(r["config"]["lr"], []).append(None if m.get("diverged") else m.get(metric))
+    return out
 
 
 def lr_table(scores: Mapping[float, Sequence[float | None]], name: str = "score") -> list[dict[str, Any]]:

@@ -374,6 +374,30 @@ def verdict(interval: Interval, *, direction: str = "greater", threshold: float 
     return HOLDS if inside else DOES_NOT_HOLD if outside else WITHIN_NOISE
 
 
+#: The book's minimum number of seeds for a verdict on a difference of trained runs. Below it a
+#: difference is still shown with its interval (from 2 seeds on), but judged "not tested here": two
+#: seeds give a t interval with one degree of freedom, which a single unlucky seed can swing.
+MIN_SEEDS = 3
+
+
+def seed_verdict(interval: Interval | None, *, min_seeds: int = MIN_SEEDS, **rule: Any) -> str:
+    """`verdict(interval, **rule)` for a difference over the seeds of trained runs: `NOT_TESTED` when
+    there is no interval yet (`None`) or it rests on fewer than `min_seeds` seeds (for an unpaired
+    interval, on either side). Every chapter's verdict rows on trained runs use it, so a partial record
+    never gives a verdict from fewer seeds than the book's minimum.
+
+        >>> iv = lambda n: Interval(-2.0, -3.0, -1.0, n, "t", 0.95)
+        >>> seed_verdict(iv(3), direction="less"), seed_verdict(iv(2), direction="less"), seed_verdict(None)
+        ('holds', 'not tested here', 'not tested here')
+    """
+    if not isinstance(min_seeds, int) or min_seeds < 2:
+        raise ValueError(f"min_seeds must be an integer of at least 2 (an interval needs 2 seeds), got {min_seeds!r}")
+    if interval is None:
+        return NOT_TESTED
+    n = min(interval.n) if isinstance(interval.n, tuple) else interval.n
+    return NOT_TESTED if n < min_seeds else verdict(interval, **rule)
+
+
 def verdict_table(rows: Iterable[Sequence[Any]], *, digits: int = 3) -> str:
     """Fixed-width text lines for `(claim, interval, verdict)` rows, with a header; what a chapter prints.
 

@@ -279,3 +279,14 @@ def test_header_says_where_a_record_came_from():
                     "torch 2.14, cpu (Some CPU, 1 thread(s) x 2 processes), 2 min of compute")
     record.update(complete=True, provenance={**prov, "git_dirty": False, "world_size": 1})
     assert "still recording" not in results.header(record) and "uncommitted" not in results.header(record)
+
+
+def test_finished_keeps_runs_that_reached_the_end_without_diverging():
+    def run(seed, epochs, diverged=False, metric="test_error"):
+        return {"seed": seed, "metrics": {"diverged": diverged},
+                "history": [{"epoch": e, metric: 50.0 - e} for e in range(1, epochs + 1)]}
+    runs = [run(0, 5), run(1, 3), run(2, 5, diverged=True), run(3, 5, metric="train_loss"), run(4, 5)]
+    assert [r["seed"] for r in results.finished(runs, "test_error", 5)] == [0, 4]
+    assert [r["seed"] for r in results.finished(runs, "test_error", 3)] == [0, 1, 4]
+    band = results.band(results.finished(runs, "test_error", 5), "test_error")
+    assert band["epoch"] == [1, 2, 3, 4, 5] and band["n"] == 2  # seed 1's short curve does not cut it

@@ -22,6 +22,16 @@ def test_choose_lr_lowest_median_ties_to_smaller_and_diverged_seeds_rule_an_lr_o
         selection.choose_lr({0.1: []})
 
 
+def test_sweep_scores_map_each_lr_to_its_seeds_with_none_for_diverged_runs():
+    def run(lr, val, diverged=False):
+        return {"config": {"lr": lr}, "metrics": {"val_error": val, "diverged": diverged, "val_loss": val / 10}}
+    runs = [run(0.1, 20.0), run(0.3, 18.0), run(0.1, 21.0), run(0.3, 5.0, diverged=True)]
+    assert selection.sweep_scores(runs) == {0.1: [20.0, 21.0], 0.3: [18.0, None]}
+    assert selection.sweep_scores(runs, "val_loss") == {0.1: [2.0, 2.1], 0.3: [1.8, None]}
+    assert selection.choose_lr(selection.sweep_scores(runs)) == 0.1  # 0.3's diverged seed rules it out
+    assert selection.sweep_scores([]) == {}
+
+
 def test_lr_table_and_edge():
     assert selection.lr_table({1.0: [15.0, None], 0.1: [20.0, 22.0]}, name="val_error") == [
         {"lr": 0.1, "val_error": 21.0, "n": 2, "diverged": 0}, {"lr": 1.0, "val_error": None, "n": 2, "diverged": 1}]

@@ -11,8 +11,8 @@ import pytest
 
 from normlab import bench, stats
 from normlab.stats import (CLAIM_VERDICTS, DOES_NOT_HOLD, HOLDS, MEASURED_VERDICTS, NOT_TESTED, VERDICTS,
-                           WITHIN_NOISE, Interval, median_iqr, paired_difference, ratio_of_medians, t_quantile,
-                           unpaired_difference, verdict, verdict_table)
+                           MIN_SEEDS, WITHIN_NOISE, Interval, median_iqr, paired_difference, ratio_of_medians,
+                           seed_verdict, t_quantile, unpaired_difference, verdict, verdict_table)
 
 # --- the t quantile -------------------------------------------------------------------------------------
 
@@ -378,3 +378,31 @@ def test_compare_returns_the_raw_times_of_every_repeat():
 def test_docstring_examples_run():
     failures, tried = doctest.testmod(stats)
     assert tried >= 15 and failures == 0
+
+
+# --- the seed minimum ------------------------------------------------------------------------------------
+
+
+def test_seed_verdict_waits_for_the_book_minimum_of_seeds():
+    assert MIN_SEEDS == 3
+    clear = {0: 5.0, 1: 5.5, 2: 4.5, 3: 5.2}  # a clear effect over 0 on every seed
+    zero = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+    two = paired_difference({s: clear[s] for s in (0, 1)}, {s: zero[s] for s in (0, 1)})
+    assert two.n == 2 and verdict(two) == HOLDS  # the plain rule would already say so
+    assert seed_verdict(two) == NOT_TESTED
+    three = paired_difference({s: clear[s] for s in (0, 1, 2)}, {s: zero[s] for s in (0, 1, 2)})
+    assert seed_verdict(three) == HOLDS and seed_verdict(three, direction="less") == DOES_NOT_HOLD
+    assert seed_verdict(three, min_seeds=4) == NOT_TESTED
+    assert seed_verdict(paired_difference(clear, zero), min_seeds=4) == HOLDS
+    assert seed_verdict(None, direction="less") == NOT_TESTED
+    # an unpaired interval needs the minimum on both sides
+    assert seed_verdict(unpaired_difference([5.0, 5.5, 4.5], [0.0, 0.1])) == NOT_TESTED
+    assert seed_verdict(unpaired_difference([5.0, 5.5, 4.5], [0.0, 0.1, -0.1])) == HOLDS
+
+
+@pytest.mark.parametrize("kwargs, fix", [({"min_seeds": 1}, "at least 2"), ({"min_seeds": 2.5}, "integer"),
+                                         ({"direction": "sideways"}, "direction must be one of")])
+def test_seed_verdict_refuses_bad_input_naming_the_fix(kwargs, fix):
+    iv = Interval(1.0, 0.5, 1.5, 3, "t", 0.95)
+    with pytest.raises(ValueError, match=fix):
+        seed_verdict(iv, **kwargs)

@@ -445,10 +445,6 @@ def length_curve(records: list[dict[str, Any]], n: int, metric: str = "test_erro
     return out
 
 
-#: The book's minimum number of seeds for a verdict on a compared cell.
-MIN_SEEDS = 3
-
-
 def verdicts(record: dict[str, Any], margin: float = EQUIVALENCE_MARGIN, epochs: int | None = None):
     """The chapter's four claims, each as a `(claim, interval, verdict)` row for `stats.verdict_table`, at
     `epochs` (default `headline_epochs`), with N_large and N_small the record's largest and smallest N:
@@ -458,18 +454,18 @@ def verdicts(record: dict[str, Any], margin: float = EQUIVALENCE_MARGIN, epochs:
     3. GN matches BN at N_large: GN - BN within +-`margin` (`"equivalent"`);
     4. GN beats BN at N_small: GN - BN < 0 (`"less"`).
 
-    A row whose difference has fewer than `MIN_SEEDS` seeds says `stats.NOT_TESTED` (the record is
+    A row whose difference has fewer than `stats.MIN_SEEDS` seeds says `stats.NOT_TESTED` (the record is
     still being recorded); its interval, if there is one yet, is shown. Returns `{"epochs", "margin", "N_large", "N_small", "rows",
     "doubling"}`; `doubling` is `{N: epoch_doubling(record, N)}` for the profile's
     `doubling_batch_sizes` (default: N_large and N_small) when the record trains two lengths, else {}.
     """
-    from ..stats import NOT_TESTED, verdict
+    from ..stats import seed_verdict
 
     d = differences(record, epochs)
     large, small = d["N_large"], d["N_small"]
 
     def row(claim, iv, **rule):
-        return (claim, iv, NOT_TESTED if iv is None or iv.n < MIN_SEEDS else verdict(iv, **rule))
+        return (claim, iv, seed_verdict(iv, **rule))
 
     rows = [row(f"BN degrades: BN(N={small}) - BN(N={large}) > 0", d["bn_small_minus_large"], direction="greater"),
             row(f"GN is flat: GN(N={small}) - GN(N={large}) within +-{margin:g}", d["gn_small_minus_large"],

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import NotReady
 from .. import selection
-from ..results import band
+from ..results import band, finished
 from ..nf import NFResNet, PreActResNet, agc_hook, agc_parameters, signal_propagation
 from ..tasks import ImageClassification, channel_stats
 from ..train import Trainer, TrainConfig
@@ -298,13 +298,8 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | 
 
 def _sweep_errors(record: dict[str, Any], model: str) -> dict[float, list[float | None]]:
     """{lr: final validation errors of `model`'s sweep runs at it, None where a run diverged}."""
-    out: dict[float, list[float | None]] = {}
-    for r in record["runs"]:
-        c = r["config"]
-        if c.get("kind") == "sweep" and c["model"] == model:
-            m = r["metrics"]
-            out.setdefault(c["lr"], []).append(None if m.get("diverged") else m.get("val_error"))
-    return out
+    return selection.sweep_scores([r for r in record["runs"]
+                                   if r["config"].get("kind") == "sweep" and r["config"]["model"] == model])
 
 
 def _lr_for(model: str, config: dict[str, Any], record: dict[str, Any]) -> float:
@@ -453,10 +448,7 @@ def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict
     epochs = record["config"]["epochs"]
     out = {}
     for arm in _arms(record):
-        # finished runs only: a diverged run's curve stops early and would cut every other seed's short
-        done = [r for r in _finals(record, arm) if not r["metrics"].get("diverged")
-                and any(h.get("epoch") == epochs and h.get(metric) is not None for h in r["history"])]
-        curve = band(done, metric)
+        curve = band(finished(_finals(record, arm), metric, epochs), metric)
         if curve is not None:
             out[arm] = curve
     return out
@@ -482,22 +474,26 @@ CLAIMS = (
 def claims(record: dict[str, Any], margin: float = MATCH_MARGIN,
            confidence: float = 0.95) -> list[tuple[str, Any, str]]:
     """`(claim, normlab.stats.Interval, verdict)` rows for `normlab.stats.verdict_table`, one per claim of
-    `CLAIMS` whose two models share at least 2 final seeds: the paired difference of final test error
-    over those seeds (`normlab.stats.paired_difference`), judged by `normlab.stats.verdict` (the
-    equivalence claim within `margin` points). Diverged final runs count at the error they stopped with,
-    and the claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]"."""
-    from ..stats import paired_difference, verdict
+    `CLAIMS` whose two models are in the record's sweep: the paired difference of final test error over
+    the final seeds they share (`normlab.stats.paired_difference`), judged by `normlab.stats.seed_verdict`
+    (the equivalence claim within `margin` points): "not tested here" below `stats.MIN_SEEDS` shared
+    seeds, with no interval below 2. Diverged final runs count at the error they stopped with, and the
+    claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]"."""
+    from ..stats import NOT_TESTED, paired_difference, seed_verdict
 
     finals = {arm: {r["seed"]: r["metrics"] for r in _finals(record, arm)} for arm in _arms(record)}
     rows = []
     for text, model, ref, direction in CLAIMS:
         a, b = finals.get(model, {}), finals.get(ref, {})
         seeds = [s for s in a if s in b]
+        if model not in finals or ref not in finals:
+            continue
         if len(seeds) < 2:
+            rows.append((text.format(margin=margin), None, NOT_TESTED))
             continue
         iv = paired_difference({s: a[s]["test_error"] for s in seeds}, {s: b[s]["test_error"] for s in seeds},
                                confidence=confidence)
-        word = verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
+        word = seed_verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
         notes = [f"{ARM_NAMES[m]}: {n} of {len(seeds)} final runs diverged" for m, runs_m in ((model, a), (ref, b))
                  if (n := sum(bool(runs_m[s].get("diverged")) for s in seeds))]
         rows.append((text.format(margin=margin) + (f" [{'; '.join(notes)}]" if notes else ""), iv, word))
@@ -575,7 +571,8 @@ def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: flo
                        f"average over training, and {statistics.fmean(c['last'] for c in clip):.0%} in the last "
                        f"epoch (NF + AGC final runs, mean over {len(clip)} seeds).")
     for text, iv, word in claims(record, margin):
-        out.append(f"{text}: {word} (difference {iv.format(2)} points of test error, n={iv.n}).")
+        out.append(f"{text}: {word} " + (f"(difference {iv.format(2)} points of test error, n={iv.n})." if iv else
+                                           "(fewer than 2 shared seeds recorded so far)."))
     flat = flatness(record, fraction)
     if flat:
         span = next(iter(flat.values()))

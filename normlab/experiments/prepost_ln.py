@@ -47,7 +47,7 @@ import torch
 from normlab import selection
 from normlab.results import band
 from normlab.models.transformer import Transformer
-from normlab.stats import NOT_TESTED, Interval, paired_difference, verdict
+from normlab.stats import NOT_TESTED, Interval, paired_difference, seed_verdict
 from normlab.tasks import CharLM
 from normlab.train import Trainer, TrainConfig, log_grad_norm
 from normlab.utils import seed_all
@@ -684,7 +684,7 @@ def claims(grid_record: dict[str, Any], depth_record: dict[str, Any], margin: fl
             rows.append((text, None, NOT_TESTED))
             return
         iv = make()
-        rows.append((text, iv, verdict(iv, direction=direction, threshold=threshold,
+        rows.append((text, iv, seed_verdict(iv, direction=direction, threshold=threshold,
                                        margin=margin if direction == "equivalent" else None)))
 
     grads = [r for r in grid_record["runs"] if r["config"]["study"] == "grad_at_init"]

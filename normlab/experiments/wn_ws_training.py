@@ -42,9 +42,9 @@ from typing import Any, Mapping
 import torch
 
 from .. import data, selection
-from ..results import band
+from ..results import band, finished
 from ..models.small import VARIANTS, SmallCNN
-from ..stats import DOES_NOT_HOLD, HOLDS, Interval, paired_difference, verdict
+from ..stats import DOES_NOT_HOLD, HOLDS, NOT_TESTED, Interval, paired_difference, seed_verdict
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig, log_grad_norm
 from ..utils import seed_all
@@ -243,26 +243,17 @@ def converged_train_config(run: Mapping[str, Any], config: Mapping[str, Any], lr
                        warmup=config["warmup_epochs"], eval_every=1, seed=run["seed"])
 
 
-def _scores(sweep_runs: list[Mapping[str, Any]]) -> dict[float, list[float | None]]:
-    """`{lr: [validation error of each seed, None where it diverged]}` of recorded sweep runs of one variant."""
-    out: dict[float, list[float | None]] = {}
-    for r in sweep_runs:
-        m = r["metrics"]
-        out.setdefault(r["config"]["lr"], []).append(None if m.get("diverged") else m.get("val_error"))
-    return out
-
-
 def lr_table(sweep_runs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """`[{"lr", "val_error", "n", "diverged"}]` by lr (`normlab.selection.lr_table`): the median validation
     error over the seeds (None if a seed diverged) of recorded sweep runs of one variant."""
-    return selection.lr_table(_scores(sweep_runs), name="val_error")
+    return selection.lr_table(selection.sweep_scores(sweep_runs), name="val_error")
 
 
 def select_lr(sweep_runs: list[Mapping[str, Any]], variant: str = "") -> tuple[float, list[dict[str, Any]]]:
     """The lr `normlab.selection.choose_lr` picks from `sweep_runs` (recorded runs of one variant: the lowest
     median validation error among lrs at which no seed diverged, ties to the smaller lr), and the table it
     was chosen from (`lr_table`). The same rule for the final runs and the readers, so both name the same lr."""
-    scores = _scores(sweep_runs)
+    scores = selection.sweep_scores(sweep_runs)
     try:
         lr = selection.choose_lr(scores, repr(variant))
     except ValueError as e:
@@ -432,17 +423,22 @@ CLAIMS = (
 
 def claims(record: Mapping[str, Any], margin: float | None = None) -> list[tuple[str, Interval, str]]:
     """`(claim, Interval, verdict)` rows for `normlab.stats.verdict_table`: each of `CLAIMS` whose two
-    variants have final runs, the difference paired by seed, the verdict by `normlab.stats.verdict`
-    (equivalence claims with `margin` points, default the config's)."""
+    variants have final runs, the difference paired by seed, the verdict by `normlab.stats.seed_verdict`
+    (equivalence claims with `margin` points, default the config's): "not tested here" below
+    `stats.MIN_SEEDS` shared seeds, with no interval below 2."""
     config = _config(record)
     margin = config["margin"] if margin is None else margin
     have = {v for v in config["variants"] if _phase(record, "final", v)}
     rows = []
     for text, v, ref, direction in CLAIMS:
         if {v, ref} <= have:
+            text = text.replace("margin", f"{margin:g}")
+            if len(set(_finals(record, v)) & set(_finals(record, ref))) < 2:
+                rows.append((text, None, NOT_TESTED))
+                continue
             iv = difference(record, v, ref)
-            word = verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
-            rows.append((text.replace("margin", f"{margin:g}"), iv, word))
+            rows.append((text, iv, seed_verdict(iv, direction=direction,
+                                                margin=margin if direction == "equivalent" else None)))
     return rows
 
 
@@ -465,9 +461,7 @@ def trains_at_any_lr(record: Mapping[str, Any], variant: str = "ws", below: floa
 
 def _finished(record: Mapping[str, Any], variant: str, metric: str) -> list[dict[str, Any]]:
     """The final runs of `variant` that did not diverge and have `metric` at the last epoch."""
-    epochs = _config(record)["epochs"]
-    return [r for r in _phase(record, "final", variant) if not r["metrics"].get("diverged")
-            and any(h.get("epoch") == epochs and h.get(metric) is not None for h in r["history"])]
+    return finished(_phase(record, "final", variant), metric, _config(record)["epochs"])
 
 
 def flatness(record: Mapping[str, Any], fraction: float = 0.2, metric: str = "test_error",
@@ -526,7 +520,8 @@ def findings(record: Mapping[str, Any], margin: float | None = None, fraction: f
         lines.append("Mean test error over seeds, lowest first: "
                      + ", ".join(f"{LABELS[v]} {errors[v]['mean']:.2f}% (n={errors[v]['n']})" for v in ranked) + ".")
     for text, iv, word in claims(record, margin):
-        lines.append(f"{text}: {word} (difference {iv.format(2)} points of test error, n={iv.n}).")
+        lines.append(f"{text}: {word} " + (f"(difference {iv.format(2)} points of test error, n={iv.n})." if iv else
+                                             "(fewer than 2 shared seeds recorded so far)."))
     if "ws" in config["variants"] and _phase(record, "sweep", "ws"):
         t = trains_at_any_lr(record, "ws")
         grid = f"lr {t['grid'][0]:g} to {t['grid'][1]:g}"
