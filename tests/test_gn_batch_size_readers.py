@@ -202,3 +202,60 @@ def test_verdicts_wait_for_three_seeds():
     rows = exp.verdicts(two)["rows"]
     assert all(word == "not tested here" for _, _, word in rows)
     assert rows[2][1] is not None and rows[2][1].n == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# the checks of GN's handicap in the short-sweep protocol: number of groups, depth and width
+# ---------------------------------------------------------------------------------------------------
+
+
+def _base(bn32, gn32, seeds=(0, 1, 2)):
+    """A cpu_long-like record (ResNet-8 width 16, G=8): BN and GN at N=32 with these per-seed errors."""
+    runs = [{"config": {"norm": norm, "batch_size": 32, "seed": s}, "seed": s,
+             "metrics": {"test_error": v, "train_error": v - 4}}
+            for norm, vs in (("bn", bn32), ("gn", gn32)) for s, v in zip(seeds, vs)]
+    return {"config": {"depth": 8, "width": 16, "gn_groups": 8, "seeds": list(seeds)}, "runs": runs}
+
+
+def test_capacity_gaps_and_verdicts_pair_each_model_by_seed():
+    from normlab import stats
+    from normlab.experiments import gn_batch_size_capacity as cap
+
+    base = _base([38.0, 39.0, 40.0], [48.0, 49.0, 50.0])          # GN - BN = 10 on every seed
+    errors = {(20, 16): ([36.0, 37.0, 38.0], [42.0, 43.5, 44.0]),  # gap 6, 6.5, 6: narrower
+              (8, 32): ([33.0, 34.0, 35.0], [44.0, 45.0, 46.5])}  # gap 11, 11, 11.5: wider
+    runs = [{"config": {"norm": norm, "depth": d, "width": w, "batch_size": 32, "seed": s}, "seed": s,
+             "metrics": {"test_error": v}}
+            for (d, w), pair in errors.items() for norm, vs in zip(("bn", "gn"), pair) for s, v in enumerate(vs)]
+    rec = {"config": {"batch_size": 32, "seeds": [0, 1, 2], "models": [[20, 16], [8, 32]], "depth": 8, "width": 16},
+           "runs": runs}
+    g = cap.gaps(rec, base)
+    assert [(r["depth"], r["width"]) for r in g] == [(8, 16), (20, 16), (8, 32)]
+    assert g[0]["per_seed"] == {0: 10.0, 1: 10.0, 2: 10.0} and g[0]["interval"].estimate == pytest.approx(10.0)
+    assert g[1]["interval"].estimate == pytest.approx(37 / 6) and g[1]["interval"].n == 3
+    rows = cap.verdicts(rec, base)
+    assert [word for _, _, word in rows] == [stats.DOES_NOT_HOLD] * 3 + [stats.HOLDS, stats.DOES_NOT_HOLD]
+    assert rows[3][0] == "ResNet-20 width 16 narrows GN's gap vs ResNet-8 width 16"
+    assert rows[3][1].estimate == pytest.approx(37 / 6 - 10)
+    one = {**rec, "runs": [r for r in rec["runs"] if r["seed"] == 0]}  # one seed: no interval, no verdict
+    assert all(iv is None and word == stats.NOT_TESTED for _, iv, word in cap.verdicts(one, base)[1:])
+
+
+def test_groups_table_and_verdicts():
+    from normlab import stats
+    from normlab.experiments import gn_batch_size_groups as groups
+
+    base = _base([38.0, 39.0, 40.0], [48.0, 49.0, 50.0])
+    per_g = {1: [48.0, 48.5, 49.5], 8: [48.0, 49.0, 50.0], 16: [49.0, 50.5, 51.0]}
+    runs = [{"config": {"norm": "gn", "gn_groups": g, "batch_size": 32, "seed": s}, "seed": s,
+             "metrics": {"test_error": v, "train_error": v - 5}} for g, vs in per_g.items() for s, v in enumerate(vs)]
+    rec = {"config": {"batch_size": 32, "seeds": [0, 1, 2], "group_list": [1, 8, 16], "width": 16}, "runs": runs}
+    t = groups.table(rec, base)
+    assert [r["G"] for r in t] == [1, 8, 16] and [r["per_group"] for r in t] == [[16, 32, 64], [2, 4, 8], [1, 2, 4]]
+    assert t[0]["mean"] == pytest.approx(146 / 3) and t[0]["train_error"] == pytest.approx(146 / 3 - 5)
+    assert t[1]["minus_bn"].estimate == pytest.approx(10.0) and t[1]["minus_bn"].low == pytest.approx(10.0)
+    rows = groups.verdicts(rec, base)
+    assert [text for text, _, _ in rows] == ["GN (G=1) trails BN at N=32", "GN (G=8) trails BN at N=32",
+                                             "GN (G=16) trails BN at N=32", "G=16 is worse than G=8"]
+    assert [word for _, _, word in rows] == [stats.HOLDS] * 4  # G=16 - G=8: 1, 1.5, 1
+    assert rows[3][1].estimate == pytest.approx(3.5 / 3)
