@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
 
 import torch
 
-from . import results, sweep
+from . import results, stats, sweep
 from .train import init_distributed
 from .experiments import available, get_experiment
 
@@ -24,6 +25,16 @@ def _show(record: dict) -> str:
     walls = [r.get("wall_s", 0) for r in record["runs"]]
     if walls:
         lines.append(f"  median wall per run {statistics.median(walls):.1f} s")
+    seeds = results.seed_summary(record)
+    if seeds["cells"]:
+        counts = collections.Counter(seeds["cells"].values())
+        lines.append(f"  {len(seeds['cells'])} cells (configs without the seed); seeds per cell: "
+                     + ", ".join(f"{n} in {k} cell{'s' * (k > 1)}" for n, k in sorted(counts.items())))
+        few = [c for c, n in seeds["cells"].items() if n < stats.MIN_SEEDS]
+        if few:
+            lines.append(f"  fewer than {stats.MIN_SEEDS} seeds (the book's minimum for a verdict): " + "; ".join(few))
+    for arm, by_lr in seeds["sweep"].items():
+        lines.append(f"  lr sweep {arm}: " + ", ".join(f"{lr:g} ({n} seed{'s' * (n > 1)})" for lr, n in by_lr.items()))
     return "\n".join(lines)
 
 

@@ -203,3 +203,26 @@ def by_seed(record: dict[str, Any], metric: str, drop_missing: bool = False, **c
     with `drop_missing`, those seeds left out."""
     out = {r["seed"]: r["metrics"].get(metric) for r in runs_where(record, **conditions)}
     return {s: v for s, v in out.items() if v is not None} if drop_missing else out
+
+
+def _is_sweep(run: dict[str, Any]) -> bool:
+    return "sweep" in (run["config"].get("phase"), run["config"].get("kind"))
+
+
+def seed_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """How many seeds stand behind each cell of a record: `{"cells": {cell: n_seeds}, "sweep": {arm: {lr:
+    n_seeds}}}`. A cell is a run's config without its seed (as sorted JSON); runs of an lr sweep (config
+    `phase` or `kind` "sweep") are counted per arm (the config without lr, seed, phase and kind) and lr
+    instead, since a sweep's seeds choose an lr rather than carry a comparison. What `python -m normlab
+    show` prints under the runs."""
+    cells: dict[str, set] = {}
+    sweep: dict[str, dict[float, set]] = {}
+    for r in record["runs"]:
+        c = r["config"]
+        if _is_sweep(r):
+            arm = json.dumps({k: v for k, v in c.items() if k not in ("lr", "seed", "phase", "kind")}, sort_keys=True)
+            sweep.setdefault(arm, {}).setdefault(c["lr"], set()).add(r["seed"])
+        else:
+            cells.setdefault(json.dumps({k: v for k, v in c.items() if k != "seed"}, sort_keys=True), set()).add(r["seed"])
+    return {"cells": {k: len(v) for k, v in cells.items()},
+            "sweep": {arm: {lr: len(s) for lr, s in sorted(by_lr.items())} for arm, by_lr in sweep.items()}}

@@ -290,3 +290,21 @@ def test_finished_keeps_runs_that_reached_the_end_without_diverging():
     assert [r["seed"] for r in results.finished(runs, "test_error", 3)] == [0, 1, 4]
     band = results.band(results.finished(runs, "test_error", 5), "test_error")
     assert band["epoch"] == [1, 2, 3, 4, 5] and band["n"] == 2  # seed 1's short curve does not cut it
+
+
+def test_seed_summary_counts_seeds_per_cell_and_per_swept_lr(capsys):
+    def run(seed, **config):
+        return {"config": {**config, "seed": seed}, "seed": seed, "metrics": {"test_error": 1.0}, "wall_s": 1.0}
+    runs = [run(s, norm="bn", batch_size=32) for s in (0, 1, 2)] + [run(s, norm="gn", batch_size=32) for s in (0, 1)]
+    runs += [run(100, phase="sweep", variant="bn", lr=lr) for lr in (0.1, 0.3)] + [run(101, phase="sweep", variant="bn", lr=0.1)]
+    runs += [run(0, kind="final", model="nf")]
+    record = {"experiment": "x", "profile": "cpu", "provenance": {}, "config": {}, "runs": runs}
+    s = results.seed_summary(record)
+    assert s["cells"] == {'{"batch_size": 32, "norm": "bn"}': 3, '{"batch_size": 32, "norm": "gn"}': 2,
+                          '{"kind": "final", "model": "nf"}': 1}
+    assert s["sweep"] == {'{"variant": "bn"}': {0.1: 2, 0.3: 1}}
+    from normlab.__main__ import _show
+    shown = _show(record)
+    assert "3 cells (configs without the seed); seeds per cell: 1 in 1 cell, 2 in 1 cell, 3 in 1 cell" in shown
+    assert 'fewer than 3 seeds (the book\'s minimum for a verdict): {"batch_size": 32, "norm": "gn"}; ' in shown
+    assert 'lr sweep {"variant": "bn"}: 0.1 (2 seeds), 0.3 (1 seed)' in shown
