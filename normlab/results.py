@@ -51,13 +51,32 @@ def _git(*args: str) -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:  # the CPU model, so a reader can tell a laptop from a server
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+    # The CPU model, so a reader can tell a laptop from a server, with its family and model numbers and the
+    # kernels torch picked (AVX2, AVX512...): seeded runs repeat bit for bit only on one kind of CPU, and a
+    # name such as "AMD EPYC" covers several generations.
+    name, ids = platform.processor() or platform.machine(), []
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first_cpu.splitlines() if ":" in ln)}
+        name = fields.get("model name", name)
+        if "cpu family" in fields and "model" in fields:
+            ids = [f"family {fields['cpu family']}, model {fields['model']}"]
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name} ({'; '.join(ids + [f'torch {torch.backends.cpu.get_cpu_capability()} kernels'])})"
+
+
+def libraries() -> dict[str, str | None]:
+    """Versions of the libraries beneath torch that a run's numbers can depend on: torchvision, numpy, and
+    Pillow, whose JPEG decoder turns the CIFAR-10 files into pixels (None: not installed)."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+    return {name: version(name) for name in ("torchvision", "numpy", "pillow")}
 
 
 def provenance(profile: str, device: torch.device) -> dict[str, Any]:
@@ -68,6 +87,7 @@ def provenance(profile: str, device: torch.device) -> dict[str, Any]:
         "git_dirty": bool(status) if status is not None else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "libraries": libraries(),
         "device": str(device),
         "device_name": device_name(device),
         "num_threads": torch.get_num_threads(),
@@ -155,7 +175,22 @@ def header(record: dict[str, Any]) -> str:
     compute = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (f"profile {record['profile']}: {len(record['runs'])} runs{status}, commit "
             f"{(prov.get('git_commit') or 'unknown')[:10]}{dirty}, torch {prov.get('torch')}, {prov.get('device')} "
-            f"({prov.get('device_name')}, {where}), {compute} of compute")
+            f"({machines(record)}, {where}), {compute} of compute")
+
+
+def machines(record: dict[str, Any]) -> str:
+    """The machine(s) a record's runs came from. A recording that spans sessions may span machines (and a
+    seeded run repeats bit for bit only on one): each run names its own; runs recorded before runs did
+    are counted apart rather than credited to the machine the record was started on."""
+    names = [r.get("provenance", {}).get("device_name") for r in record["runs"]]
+    named = sorted(set(n for n in names if n))
+    if not named:  # no run names its machine: the one the record was started on
+        return str(record["provenance"].get("device_name"))
+    def runs(k: int) -> str:
+        return f"{k} run" + ("s" if k != 1 else "")
+    counts = [f"{n}: {runs(names.count(n))}" for n in named] if len(named) > 1 else named
+    unnamed = names.count(None)
+    return "; ".join(counts + ([f"{runs(unnamed)} without a recorded machine"] if unnamed else []))
 
 
 def for_notebook(experiment: str, profile: str) -> dict[str, Any]:

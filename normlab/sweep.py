@@ -45,6 +45,16 @@ def checkpoint_path(out: Path, key: str) -> Path:
     return out.parent / ".checkpoints" / out.stem / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
 
 
+def _checkpointed_s(ckpt: Path) -> float:
+    """The training time a checkpoint says its run had spent (the trainer's `elapsed_s`); 0 if it has none.
+    An unreadable checkpoint is the trainer's to report, with the fix: here it only counts as 0 s."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception:
+        return 0.0
+    return float(state.get("elapsed_s", 0.0)) if isinstance(state, dict) else 0.0
+
+
 @contextlib.contextmanager
 def _locked(out: Path):
     """Hold an exclusive lock on `out`'s claims file; yields the claims `{run_key: pid}` to update."""
@@ -135,6 +145,7 @@ def sweep(
             log(f"[{i + 1}/{len(all_runs)}] {experiment} {key}")
         t0 = time.perf_counter()
         ckpt = checkpoint_path(out, key)
+        earlier_s = _checkpointed_s(ckpt) if ckpt.exists() else None  # training time of earlier processes
         if log and ckpt.exists():
             log(f"  resuming from checkpoint {ckpt}")
         kwargs: dict[str, Any] = {"checkpoint": ckpt} if resumable else {}
@@ -161,8 +172,12 @@ def sweep(
         with _locked(out) as claims:  # re-read the record: other processes may have added runs meanwhile
             claims.pop(key, None)
             record = load_path(out) if out.exists() else new_record
-            # a recording may span sessions and commits: each run says which code produced it
-            code = {k: new_record["provenance"][k] for k in ("git_commit", "git_dirty", "torch", "num_threads")}
+            # a recording may span sessions, commits and machines: each run says which code produced it where
+            code = {k: new_record["provenance"][k]
+                    for k in ("git_commit", "git_dirty", "torch", "libraries", "device", "device_name", "num_threads")}
+            if earlier_s is not None:  # the time the killed process spent after its last checkpoint is lost
+                code["resumed"] = True
+                wall += earlier_s
             record["runs"].append({"key": key, "config": run_config, "seed": run_config.get("seed"),
                                    **result, "wall_s": round(wall, 2), "provenance": code})
             record["complete"] = {run_key(r) for r in all_runs} <= {r["key"] for r in record["runs"]}

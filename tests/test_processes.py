@@ -85,6 +85,11 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
     assert f"resuming from checkpoint {ckpt}" in resumed.stdout
     assert _untimed(json.loads(out.read_text())) == _untimed(json.loads(reference.read_text()))
     assert not ckpt.exists()  # recorded: the checkpoint is gone
+    # the run's compute counts the killed process's training too, and the run says it was resumed
+    (recorded,) = json.loads(out.read_text())["runs"]
+    assert recorded["provenance"]["resumed"] is True
+    assert recorded["wall_s"] >= recorded["history"][-1]["time_s"] - 0.01
+    assert "resumed" not in json.loads(reference.read_text())["runs"][0]["provenance"]
 
 
 @pytest.mark.slow

@@ -53,6 +53,10 @@ def test_provenance_fields():
     for key in ("git_commit", "git_dirty", "torch", "device", "device_name", "profile", "started", "wall_s"):
         assert key in prov
     assert prov["torch"] == torch.__version__ and prov["profile"] == "smoke"
+    import PIL
+    assert prov["libraries"]["pillow"] == PIL.__version__ and prov["libraries"]["numpy"] == __import__("numpy").__version__
+    # which kernels torch runs: a seeded run repeats bit for bit only on one kind of CPU
+    assert f"torch {torch.backends.cpu.get_cpu_capability()} kernels" in prov["device_name"]
     assert prov["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
 
 
@@ -77,6 +81,8 @@ def test_sweep_records_and_skips(slow_exp):
     assert [r["metrics"]["square"] for r in rec["runs"]] == [0, 1]
     assert rec["provenance"]["profile"] == "cpu" and rec["config"] == {"n": 2, "sleep": 0.0}
     assert rec["complete"] and all(r["provenance"]["git_commit"] == rec["provenance"]["git_commit"] for r in rec["runs"])
+    assert all(r["provenance"]["device_name"] == rec["provenance"]["device_name"] == results.device_name(torch.device("cpu"))
+               and r["provenance"]["device"] == "cpu" for r in rec["runs"])
     started = (tmp_path / "started.log").read_text().splitlines()
     rec2 = sweep.sweep("extexp.slowexp", "cpu", log=None)
     assert rec2["runs"] == rec["runs"]
@@ -279,6 +285,20 @@ def test_header_says_where_a_record_came_from():
                     "torch 2.14, cpu (Some CPU, 1 thread(s) x 2 processes), 2 min of compute")
     record.update(complete=True, provenance={**prov, "git_dirty": False, "world_size": 1})
     assert "still recording" not in results.header(record) and "uncommitted" not in results.header(record)
+
+
+def test_header_names_every_machine_a_record_spans():
+    prov = {"git_commit": "0123456789abcdef", "git_dirty": False, "torch": "2.14", "device": "cpu",
+            "device_name": "CPU A", "num_threads": 1}
+    def run(name=None):
+        return {"wall_s": 60.0, "provenance": {"git_commit": "0123456789abcdef", **({"device_name": name} if name else {})}}
+    record = {"profile": "cpu", "provenance": prov, "runs": [run(), run()]}
+    assert "(CPU A, 1 thread(s))" in results.header(record)  # runs that name no machine: the record's
+    record["runs"] = [run("CPU A"), run("CPU A")]
+    assert results.machines(record) == "CPU A"
+    record["runs"] = [run(), run("CPU B"), run("CPU A"), run("CPU B")]
+    assert results.machines(record) == "CPU A: 1 run; CPU B: 2 runs; 1 run without a recorded machine"
+    assert "(CPU A: 1 run; CPU B: 2 runs; 1 run without a recorded machine, 1 thread(s))" in results.header(record)
 
 
 def test_finished_keeps_runs_that_reached_the_end_without_diverging():
