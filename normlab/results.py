@@ -171,11 +171,19 @@ def header(record: dict[str, Any]) -> str:
     where = f"{prov.get('num_threads')} thread(s)" + (f" x {world} processes" if world > 1 else "")
     status = "" if record.get("complete", True) else ", still recording"
     dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
-    seconds = sum(r.get("wall_s", 0) for r in record["runs"])
+    seconds = sum(compute_s(r) for r in record["runs"])
     compute = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (f"profile {record['profile']}: {len(record['runs'])} runs{status}, commit "
             f"{(prov.get('git_commit') or 'unknown')[:10]}{dirty}, torch {prov.get('torch')}, {prov.get('device')} "
             f"({machines(record)}, {where}), {compute} of compute")
+
+
+def compute_s(run: dict[str, Any]) -> float:
+    """The seconds a run cost: its wall time or, if larger, its trainer's clock (the last history row's
+    `time_s`), which a run resumed from a checkpoint carries over from the killed process; runs recorded
+    before their wall time included that process's time count it this way."""
+    clock = max((h.get("time_s") or 0.0 for h in run.get("history") or [] if isinstance(h, dict)), default=0.0)
+    return max(run.get("wall_s") or 0.0, clock)
 
 
 def machines(record: dict[str, Any]) -> str:

@@ -259,3 +259,24 @@ def test_groups_table_and_verdicts():
                                              "GN (G=16) trails BN at N=32", "G=16 is worse than G=8"]
     assert [word for _, _, word in rows] == [stats.HOLDS] * 4  # G=16 - G=8: 1, 1.5, 1
     assert rows[3][1].estimate == pytest.approx(3.5 / 3)
+
+
+def test_cost_estimate_against_the_runs_it_priced():
+    from normlab.experiments import gn_batch_size_cost as cost_exp
+
+    cost = {"runs": [{"config": {"image_size": size, "norm": norm, "batch_size": n, "precision": p},
+                      "metrics": {"s_per_epoch": t}}
+                     for size, norm, n, p, t in [(16, "bn", 32, "auto", 10.0), (16, "gn", 32, "auto", 8.0),
+                                                 (16, "bn", 32, "fp32", 99.0), (32, "bn", 32, "auto", 30.0)]]}
+    assert cost_exp.per_epoch(cost) == {(16, "bn", 32): 10.0, (16, "gn", 32): 8.0, (32, "bn", 32): 30.0}
+    sweep = {"config": {"image_size": 16, "epochs": 60}, "runs": [
+        {"config": {"norm": "bn", "batch_size": 32, "epochs": 30}, "wall_s": 450.0, "history": []},
+        {"config": {"norm": "gn", "batch_size": 32, "epochs": 30}, "wall_s": 60.0, "history": [{"time_s": 360.0}]},
+        {"config": {"norm": "bn", "batch_size": 32, "epochs": 60}, "wall_s": 999.0, "history": []},  # other length
+        {"config": {"norm": "bn", "batch_size": 2, "epochs": 30}, "wall_s": 999.0, "history": []}]}  # not priced
+    got = cost_exp.against(cost, sweep, 30)
+    assert got["runs"] == 2 and got["measured_s"] == 450.0 + 360.0  # the resumed run counts its trainer's clock
+    assert got["estimated_s"] == (10.0 + 8.0) * 30 and got["ratio"] == pytest.approx(810.0 / 540.0)
+    unpriced = {"config": {"image_size": 24, "epochs": 30}, "runs": sweep["runs"]}  # a size the record did not time
+    assert cost_exp.against(cost, unpriced, 30) == {"runs": 0, "measured_s": 0, "estimated_s": 0, "ratio": None}
+

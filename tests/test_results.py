@@ -53,8 +53,9 @@ def test_provenance_fields():
     for key in ("git_commit", "git_dirty", "torch", "device", "device_name", "profile", "started", "wall_s"):
         assert key in prov
     assert prov["torch"] == torch.__version__ and prov["profile"] == "smoke"
+    import numpy
     import PIL
-    assert prov["libraries"]["pillow"] == PIL.__version__ and prov["libraries"]["numpy"] == __import__("numpy").__version__
+    assert prov["libraries"]["pillow"] == PIL.__version__ and prov["libraries"]["numpy"] == numpy.__version__
     # which kernels torch runs: a seeded run repeats bit for bit only on one kind of CPU
     assert f"torch {torch.backends.cpu.get_cpu_capability()} kernels" in prov["device_name"]
     assert prov["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
@@ -81,7 +82,8 @@ def test_sweep_records_and_skips(slow_exp):
     assert [r["metrics"]["square"] for r in rec["runs"]] == [0, 1]
     assert rec["provenance"]["profile"] == "cpu" and rec["config"] == {"n": 2, "sleep": 0.0}
     assert rec["complete"] and all(r["provenance"]["git_commit"] == rec["provenance"]["git_commit"] for r in rec["runs"])
-    assert all(r["provenance"]["device_name"] == rec["provenance"]["device_name"] == results.device_name(torch.device("cpu"))
+    here = results.device_name(torch.device("cpu"))
+    assert all(r["provenance"]["device_name"] == rec["provenance"]["device_name"] == here
                and r["provenance"]["device"] == "cpu" for r in rec["runs"])
     started = (tmp_path / "started.log").read_text().splitlines()
     rec2 = sweep.sweep("extexp.slowexp", "cpu", log=None)
@@ -287,11 +289,20 @@ def test_header_says_where_a_record_came_from():
     assert "still recording" not in results.header(record) and "uncommitted" not in results.header(record)
 
 
+def test_compute_counts_the_time_a_resumed_run_spent_before_it_was_killed():
+    assert results.compute_s({"wall_s": 30.0, "history": [{"time_s": 10.0}, {"time_s": 95.5}]}) == 95.5
+    assert results.compute_s({"wall_s": 100.0, "history": [{"time_s": 95.5}]}) == 100.0  # eval after the loop
+    assert results.compute_s({"wall_s": 2.0, "history": [0, 1]}) == 2.0  # histories that are not rows
+    record = {"profile": "cpu", "provenance": {"device_name": "CPU", "num_threads": 1},
+              "runs": [{"wall_s": 30.0, "history": [{"time_s": 150.0}]}, {"wall_s": 90.0, "history": []}]}
+    assert results.header(record).endswith("4 min of compute")
+
+
 def test_header_names_every_machine_a_record_spans():
     prov = {"git_commit": "0123456789abcdef", "git_dirty": False, "torch": "2.14", "device": "cpu",
             "device_name": "CPU A", "num_threads": 1}
     def run(name=None):
-        return {"wall_s": 60.0, "provenance": {"git_commit": "0123456789abcdef", **({"device_name": name} if name else {})}}
+        return {"wall_s": 60.0, "provenance": {"git_commit": "0123", **({"device_name": name} if name else {})}}
     record = {"profile": "cpu", "provenance": prov, "runs": [run(), run()]}
     assert "(CPU A, 1 thread(s))" in results.header(record)  # runs that name no machine: the record's
     record["runs"] = [run("CPU A"), run("CPU A")]

@@ -76,3 +76,26 @@ def sweep_hours(record: dict[str, Any], image_size: int, precision: str, epochs:
     total = sum(r["metrics"]["s_per_epoch"] for r in record["runs"]
                 if r["config"]["image_size"] == image_size and r["config"]["precision"] == precision)
     return total * epochs * seeds / processes / 3600
+
+
+def per_epoch(record: dict[str, Any], precision: str = "auto") -> dict[tuple[int, str, int], float]:
+    """`{(image_size, norm, N): estimated seconds per epoch}` in `precision`, as the record timed them."""
+    return {(r["config"]["image_size"], r["config"]["norm"], r["config"]["batch_size"]): r["metrics"]["s_per_epoch"]
+            for r in record["runs"] if r["config"]["precision"] == precision}
+
+
+def against(cost: dict[str, Any], sweep: dict[str, Any], epochs: int, precision: str = "auto") -> dict[str, Any]:
+    """What the runs of `sweep` trained for `epochs` cost, against this record's estimate for the same
+    runs: `{"runs", "measured_s", "estimated_s", "ratio"}` over the runs the estimate covers (its image
+    size, norm and N). The estimate times training steps alone; the runs also evaluate, recompute BN's
+    statistics and share the memory bus with the other process, so the ratio says what to add."""
+    from ..results import compute_s
+
+    estimate, size = per_epoch(cost, precision), sweep["config"]["image_size"]
+    pairs = [(compute_s(r), estimate[size, r["config"]["norm"], r["config"]["batch_size"]] * epochs)
+             for r in sweep["runs"] if r["config"].get("epochs", sweep["config"]["epochs"]) == epochs
+             and (size, r["config"]["norm"], r["config"]["batch_size"]) in estimate]
+    measured, estimated = sum(m for m, _ in pairs), sum(e for _, e in pairs)
+    return {"runs": len(pairs), "measured_s": measured, "estimated_s": estimated,
+            "ratio": measured / estimated if estimated else None}
+
