@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                           "GPU: they share the device)")
     run.add_argument("--threads", type=int, default=None, metavar="T",
                      help="intra-op CPU threads per process (default: torch's, or the cores divided by K)")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                     help="take only the runs whose config has KEY=VALUE (repeatable; e.g. --only batch_size=2 "
+                          "--only epochs=60); the record stays the profile's")
     show = sub.add_parser("show", help="print a recorded result")
     show.add_argument("experiment")
     show.add_argument("--profile", default=None,
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                     summary = f"(cannot import: {type(e).__name__}: {e})"
                 print(f"{name:24s} recorded: {', '.join(recorded) or '-':24s} {summary}")
         elif args.cmd == "run" and args.parallel > 1:
+            sweep.parse_only(args.only)  # a bad --only fails here, not in each of the K processes
             code = sweep.launch(args.experiment, args.profile, args.parallel, out=args.out, device=args.device,
-                                threads=args.threads)
+                                threads=args.threads, only=args.only)
             if code:
                 return code
             out = args.out or results.result_path(args.experiment, args.profile)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
             log = None if args.quiet or not rank0 else print
             record = sweep.sweep(args.experiment, args.profile, out=args.out, device=device,
-                                 progress=not args.no_progress and rank0, log=log)
+                                 progress=not args.no_progress and rank0, log=log, only=sweep.parse_only(args.only))
             if not args.quiet and rank0:
                 print(_show(record))
             if torch.distributed.is_initialized():

@@ -45,6 +45,34 @@ def checkpoint_path(out: Path, key: str) -> Path:
     return out.parent / ".checkpoints" / out.stem / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".pt")
 
 
+def _only(all_runs: list[dict[str, Any]], only: dict[str, Any], name: str) -> Callable[[dict[str, Any]], bool]:
+    """The filter `only` stands for, after checking that it names config keys and selects some run."""
+    keys = sorted({k for rc in all_runs for k in rc})
+    for k, v in only.items():
+        if k not in keys:
+            raise ValueError(f"--only {k}=...: the runs of {name} have no {k!r}; their keys are {keys}")
+        values = sorted({json.dumps(rc[k]) for rc in all_runs if k in rc})
+        if not any(rc.get(k) == v for rc in all_runs):
+            raise ValueError(f"--only {k}={json.dumps(v)} selects no run of {name}; its {k} values are "
+                             f"{', '.join(values)}")
+    return lambda rc: all(rc.get(k) == v for k, v in only.items())
+
+
+def parse_only(items: list[str]) -> dict[str, Any]:
+    """`["batch_size=2", "norm=bn"]` -> `{"batch_size": 2, "norm": "bn"}`: values are read as JSON
+    (numbers, true/false, null), else kept as strings."""
+    only = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--only takes KEY=VALUE (e.g. --only batch_size=2), got {item!r}")
+        try:
+            only[key] = json.loads(value)
+        except json.JSONDecodeError:
+            only[key] = value
+    return only
+
+
 def _checkpointed_s(ckpt: Path) -> float:
     """The training time a checkpoint says its run had spent (the trainer's `elapsed_s`); 0 if it has none.
     An unreadable checkpoint is the trainer's to report, with the fix: here it only counts as 0 s."""
@@ -99,8 +127,13 @@ def sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     poll_s: float = 30.0,
+    only: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every run of `experiment`'s `profile` not yet in `out`, recording each as it finishes.
+
+    `only` (`{"batch_size": 2, "epochs": 60}`) limits this process to the runs whose config has those
+    values; the record is still the profile's and is complete only when every run is in it. It lets a
+    recording that spans sessions start the runs that need a whole session while there is one.
 
     `out` defaults to `results/EXP/PROFILE.json`. Returns the complete record. Runs that another live
     process of the same sweep has claimed are left to it (start one process per core to share a sweep).
@@ -128,6 +161,7 @@ def sweep(
                   "provenance": provenance(profile, device), "config": config, "complete": not module.runs(config),
                   "runs": []}
     all_runs = module.runs(config)
+    mine = _only(all_runs, only or {}, f"{experiment}/{profile}")
     done = {r["key"] for r in existing["runs"]} if existing is not None else set()
     if log and done:
         log(f"{experiment}/{profile}: {len(done)} runs already recorded, {len(all_runs) - len(done)} to go")
@@ -188,12 +222,12 @@ def sweep(
         return "recorded"
 
     waiting: dict[str, str] = {}  # run key -> why it is not ready
-    outcomes = [attempt(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in done]
+    outcomes = [attempt(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in done and mine(rc)]
     # Some runs were not ready: go over every unrecorded run again (a dead process's claims are taken
     # over) as long as runs get recorded, and wait while another process runs something (it may be what
     # they need); when nothing is running, what they need will never come: an error.
     while "not ready" in outcomes:
-        pending = _shared([(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in _recorded(out)]
+        pending = _shared([(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in _recorded(out) and mine(rc)]
                           if rank0 else None)
         outcomes = [attempt(i, rc) for i, rc in pending]
         if "not ready" in outcomes and "recorded" not in outcomes:
@@ -245,7 +279,7 @@ def _agreed(decision: bool | None) -> bool:
 
 
 def launch(experiment: str, profile: str, parallel: int, out: str | Path | None = None,
-           device: str | None = None, threads: int | None = None) -> int:
+           device: str | None = None, threads: int | None = None, only: list[str] | None = None) -> int:
     """Start `parallel` processes sharing one sweep (`python -m normlab run ...`) and wait for them all.
 
     Each gets `threads` intra-op threads (default: the CPU count divided among them; on a GPU the
@@ -258,6 +292,7 @@ def launch(experiment: str, profile: str, parallel: int, out: str | Path | None 
            "--threads", str(threads)]
     cmd += ["--out", str(out)] if out is not None else []
     cmd += ["--device", device] if device is not None else []
+    cmd += [a for item in only or [] for a in ("--only", item)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen(cmd, env=env) for _ in range(parallel)]
     codes = [p.wait() for p in procs]

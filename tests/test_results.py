@@ -92,6 +92,41 @@ def test_sweep_records_and_skips(slow_exp):
     assert results.load("extexp.slowexp", "cpu") == rec2
 
 
+def test_only_takes_a_subset_of_the_runs_and_the_record_stays_the_profiles(slow_exp, capsys):
+    rec = sweep.sweep("extexp.slowexp", "cpu", log=None, only={"i": 1})
+    assert [r["config"]["i"] for r in rec["runs"]] == [1] and not rec["complete"]
+    assert main(["run", "extexp.slowexp", "--profile", "cpu", "--only", "i=0", "--quiet", "--no-progress"]) == 0
+    rec = results.load("extexp.slowexp", "cpu")
+    assert [r["config"]["i"] for r in rec["runs"]] == [1, 0] and rec["complete"]
+    with pytest.raises(ValueError, match=r"have no 'j'; their keys are \['i', 'seed'\]"):
+        sweep.sweep("extexp.slowexp", "cpu", log=None, only={"j": 1})
+    with pytest.raises(ValueError, match=r"--only i=5 selects no run of extexp.slowexp/cpu; its i values are 0, 1"):
+        sweep.sweep("extexp.slowexp", "cpu", log=None, only={"i": 5})
+    assert main(["run", "extexp.slowexp", "--profile", "cpu", "--only", "i"]) == 2
+    assert "--only takes KEY=VALUE (e.g. --only batch_size=2), got 'i'" in capsys.readouterr().err
+
+
+def test_parallel_processes_get_the_same_only(monkeypatch):
+    started = []
+
+    class Proc:
+        def __init__(self, cmd, env):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(sweep.subprocess, "Popen", Proc)
+    assert sweep.launch("gn_batch_size", "cpu_converged", 2, only=["batch_size=2", "epochs=60"]) == 0
+    assert len(started) == 2 and all(c[-4:] == ["--only", "batch_size=2", "--only", "epochs=60"] for c in started)
+
+
+def test_parse_only_reads_values_as_json_else_strings():
+    assert sweep.parse_only(["batch_size=2", "norm=bn", "lr=0.1", "sync=true", "tag=a=b"]) == {
+        "batch_size": 2, "norm": "bn", "lr": 0.1, "sync": True, "tag": "a=b"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sweep.parse_only(["=2"])
+
+
 # Runs that depend on other runs of the record: "total" is listed first but needs every square.
 DEPENDENT_EXPERIMENT = textwrap.dedent('''
     """A test experiment: the run "total" sums the squares the other runs recorded."""
