@@ -51,8 +51,8 @@ def _only(all_runs: list[dict[str, Any]], only: dict[str, Any], name: str) -> Ca
     for k, v in only.items():
         if k not in keys:
             raise ValueError(f"--only {k}=...: the runs of {name} have no {k!r}; their keys are {keys}")
-        values = sorted({json.dumps(rc[k]) for rc in all_runs if k in rc})
         if not any(rc.get(k) == v for rc in all_runs):
+            values = sorted({json.dumps(rc[k]) for rc in all_runs if k in rc})
             raise ValueError(f"--only {k}={json.dumps(v)} selects no run of {name}; its {k} values are "
                              f"{', '.join(values)}")
     return lambda rc: all(rc.get(k) == v for k, v in only.items())
@@ -180,7 +180,7 @@ def sweep(
         t0 = time.perf_counter()
         ckpt = checkpoint_path(out, key)
         earlier_s = _checkpointed_s(ckpt) if ckpt.exists() else None  # training time of earlier processes
-        if log and ckpt.exists():
+        if log and earlier_s is not None:
             log(f"  resuming from checkpoint {ckpt}")
         kwargs: dict[str, Any] = {"checkpoint": ckpt} if resumable else {}
         if wants_record:  # every process of a torchrun job sees rank 0's copy, so all decide alike

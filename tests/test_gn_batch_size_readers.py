@@ -279,4 +279,3 @@ def test_cost_estimate_against_the_runs_it_priced():
     assert got["estimated_s"] == (10.0 + 8.0) * 30 and got["ratio"] == pytest.approx(810.0 / 540.0)
     unpriced = {"config": {"image_size": 24, "epochs": 30}, "runs": sweep["runs"]}  # a size the record did not time
     assert cost_exp.against(cost, unpriced, 30) == {"runs": 0, "measured_s": 0, "estimated_s": 0, "ratio": None}
-

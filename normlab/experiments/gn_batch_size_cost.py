@@ -20,7 +20,7 @@ from ..models.resnet import CIFARResNet
 from ..tasks import ImageClassification
 from ..train import Trainer, TrainConfig, fastest
 from ..utils import seed_all
-from .gn_batch_size import layer_name, norm_layer
+from .gn_batch_size import at_length, layer_name, norm_layer
 from .trainer_speed import _NORM_CONFIG
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -92,10 +92,8 @@ def against(cost: dict[str, Any], sweep: dict[str, Any], epochs: int, precision:
     from ..results import compute_s
 
     estimate, size = per_epoch(cost, precision), sweep["config"]["image_size"]
-    pairs = [(compute_s(r), estimate[size, r["config"]["norm"], r["config"]["batch_size"]] * epochs)
-             for r in sweep["runs"] if r["config"].get("epochs", sweep["config"]["epochs"]) == epochs
-             and (size, r["config"]["norm"], r["config"]["batch_size"]) in estimate]
+    keys = [((size, r["config"]["norm"], r["config"]["batch_size"]), r) for r in at_length(sweep, epochs)["runs"]]
+    pairs = [(compute_s(r), estimate[key] * epochs) for key, r in keys if key in estimate]
     measured, estimated = sum(m for m, _ in pairs), sum(e for _, e in pairs)
     return {"runs": len(pairs), "measured_s": measured, "estimated_s": estimated,
             "ratio": measured / estimated if estimated else None}
-
