@@ -9,9 +9,9 @@ This script renames them in place, converts accuracy fractions to error percenta
 beyond that conversion, leaves everything else as it was (provenance included), and is idempotent:
 a migrated record is left untouched. The record files are rewritten atomically.
 
-It also records where a profile was narrowed while it recorded (`NARROWED`): a key added to the
-profile's configuration that drops runs not yet recorded. The key is added to the record's
-configuration only if every run already recorded is still one of the profile's runs, so no
+It also records where a profile was amended while it recorded (`AMENDED`): a key added to the
+profile's configuration that drops runs not yet recorded, or adds runs. The key is added to the
+record's configuration only if every run already recorded is still one of the profile's runs, so no
 recorded number changes meaning.
 """
 
@@ -35,10 +35,13 @@ FULL_SIZE = {"cifar10": (50_000, 10_000), "fashion_mnist": (60_000, 10_000)}
 
 
 #: (experiment, profile) -> configuration keys added to the profile while it recorded. Each drops runs
-#: from the profile and changes none that remain.
-NARROWED: dict[tuple[str, str], dict[str, Any]] = {
-    # the 60-epoch runs only at the N where the verdict is drawn (the epoch-doubling check)
+#: not yet recorded or adds runs, and changes none of those recorded.
+AMENDED: dict[tuple[str, str], dict[str, Any]] = {
+    # narrowed: the 60-epoch runs only at the N where the verdict is drawn (the epoch-doubling check)
     ("gn_batch_size", "cpu_converged"): {"doubling_batch_sizes": [32, 2]},
+    # widened: signal propagation at three seeds (seconds each), so its verdict has a spread; seed 0's
+    # runs, recorded first, are the same runs
+    ("nf_resnet", "cpu_converged"): {"spp_seeds": [0, 1, 2]},
 }
 
 
@@ -95,23 +98,23 @@ def migrate_record(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "runs": runs}
 
 
-def narrow_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The record with its profile's `NARROWED` keys in its configuration (a new dict), if it lacks them
-    and every recorded run is still a run of the narrowed profile; otherwise ValueError naming the run."""
-    added = NARROWED.get((record.get("experiment"), record.get("profile")), {})
+def amend_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its profile's `AMENDED` keys in its configuration (a new dict), if it lacks them
+    and every recorded run is still a run of the amended profile; otherwise ValueError naming the run."""
+    added = AMENDED.get((record.get("experiment"), record.get("profile")), {})
     config = record.get("config", {})
     if not added or all(config.get(k) == v for k, v in added.items()):
         return record
     from .experiments import get_experiment
     from .results import run_key
 
-    narrowed = {**config, **added}
-    keep = {run_key(r) for r in get_experiment(record["experiment"]).runs(narrowed)}
+    amended = {**config, **added}
+    keep = {run_key(r) for r in get_experiment(record["experiment"]).runs(amended)}
     dropped = [r["key"] for r in record["runs"] if r["key"] not in keep]
     if dropped:
         raise ValueError(f"{record['experiment']}/{record['profile']}: recorded run {dropped[0]} is not a run of the "
-                         f"profile narrowed by {added}: the narrowing would orphan it")
-    return {**record, "config": narrowed, "complete": keep <= {r["key"] for r in record["runs"]}}
+                         f"profile amended by {added}: the amendment would orphan it")
+    return {**record, "config": amended, "complete": keep <= {r["key"] for r in record["runs"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for path in sorted(Path(results_dir()).glob("*/*.json")):
         record = load_path(path)
-        migrated = narrow_record(migrate_record(record))
+        migrated = amend_record(migrate_record(record))
         if migrated != record:
             stale.append(path)
             if not args.check:

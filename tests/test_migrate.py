@@ -60,10 +60,24 @@ def test_a_narrowed_profile_keeps_its_recorded_runs_and_refuses_to_orphan_one():
 
     kept = [{"norm": "gn", "batch_size": 32, "seed": 0, "epochs": 30}, {"norm": "bn", "batch_size": 2, "seed": 1,
                                                                           "epochs": 60}]
-    narrowed = migrate.narrow_record(_gn_record(kept))
+    narrowed = migrate.amend_record(_gn_record(kept))
     assert narrowed["config"] == g.PROFILES["cpu_converged"]  # the sweep's configuration check now passes
     assert len(g.runs(narrowed["config"])) == 30 + 12 and narrowed["complete"] is False
-    assert migrate.narrow_record(narrowed) is narrowed  # idempotent
+    assert migrate.amend_record(narrowed) is narrowed  # idempotent
     orphan = _gn_record(kept + [{"norm": "bn", "batch_size": 8, "seed": 0, "epochs": 60}])
-    with pytest.raises(ValueError, match="batch_size.*8.*not a run of the profile narrowed"):
-        migrate.narrow_record(orphan)
+    with pytest.raises(ValueError, match="batch_size.*8.*not a run of the profile amended"):
+        migrate.amend_record(orphan)
+
+
+def test_a_widened_profile_keeps_its_recorded_runs_and_adds_the_new_ones():
+    from normlab.experiments import nf_resnet as nfr
+
+    config = {k: v for k, v in nfr.PROFILES["cpu_converged"].items() if k != "spp_seeds"}
+    recorded = [r for r in nfr.runs(config) if r["kind"] == "spp" or (r["kind"] == "sweep" and r["model"] == "bn")][:6]
+    record = {"experiment": "nf_resnet", "profile": "cpu_converged", "config": config, "complete": False,
+              "runs": [{"key": results.run_key(r), "config": r} for r in recorded]}
+    widened = migrate.amend_record(record)
+    assert widened["config"] == nfr.PROFILES["cpu_converged"] and widened["runs"] == record["runs"]
+    new = {results.run_key(r) for r in nfr.runs(widened["config"])} - {r["key"] for r in record["runs"]}
+    assert sorted(json.loads(k)["seed"] for k in new if json.loads(k)["kind"] == "spp") == [1] * 4 + [2] * 4
+    assert widened["complete"] is False and migrate.amend_record(widened) is widened

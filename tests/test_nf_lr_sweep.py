@@ -40,7 +40,7 @@ def fake_cifar(monkeypatch):
 def test_converged_profile_runs_sweep_then_fresh_seeds():
     rs = exp.runs(CONVERGED)
     kinds = [r["kind"] for r in rs]
-    assert kinds.count("spp") == 4 and kinds.count("train") == 0
+    assert kinds.count("spp") == 4 * 3 and kinds.count("train") == 0  # 4 networks x 3 draws at initialization
     sweeps = [r for r in rs if r["kind"] == "sweep"]
     finals = [r for r in rs if r["kind"] == "final"]
     assert len(sweeps) == sum(len(v) for v in CONVERGED["lrs"].values()) == 16 and len(finals) == 4 * 3
@@ -151,7 +151,7 @@ def test_smoke_converged_end_to_end(fake_cifar, tmp_path):
     for c in exp.curves(rec).values():
         assert c["epoch"] == [1, 2] and all(lo <= m <= hi for lo, m, hi in zip(c["min"], c["mean"], c["max"]))
     assert [row[0].split(" [")[0] for row in exp.claims(rec)] == [t.format(margin=exp.MATCH_MARGIN) for t, *_ in exp.CLAIMS]
-    assert set(exp.spp_summary(rec)) == set(exp.SPP_MODELS)
+    assert set(exp.spp_summary(rec)) == set(exp.SPP_MODELS) and {s["n_seeds"] for s in exp.spp_summary(rec).values()} == {3}
     assert len(exp.findings(rec)) == 6 + len(exp.CLAIMS)
 
 
@@ -336,10 +336,24 @@ def test_claims_give_known_verdicts():
     assert two_rows[1][1].low > 0  # NF without AGC trails by 7 and 8 points: clear, but on 2 seeds
 
 
-def _spp_run(model, var, sq_mean, res_var):
+def _spp_run(model, var, sq_mean, res_var, seed=0):
     history = [{"block": i + 1, "avg_var": v, "avg_sq_mean": m, "res_var": 1.0} for i, (v, m) in enumerate(zip(var, sq_mean))]
-    return {"config": {"kind": "spp", "model": model, "seed": 0}, "seed": 0, "history": history,
+    return {"config": {"kind": "spp", "model": model, "seed": seed}, "seed": seed, "history": history,
             "metrics": {"blocks": len(history), "mean_res_var": res_var}}
+
+
+def test_spp_summary_takes_the_median_over_seeds_and_keeps_an_overflow():
+    rec = {"config": {}, "runs": [_spp_run("nf", [1.0, v], [0.0, m], b, seed=s)
+                                  for s, (v, m, b) in enumerate([(2.0, 0.2, 0.5), (4.0, 0.2, 0.9), (3.0, 0.6, 0.7)])]
+                                 + [_spp_run("none", [0.4, v], [0.1, v], None, seed=s) for s, v in enumerate([1e6, None, 2e6])]}
+    spp = exp.spp_summary(rec)
+    nf = spp["nf"]
+    assert (nf["n_seeds"], nf["var_last"], nf["sq_mean_last"], nf["branch_var"]) == (3, 3.0, 0.2, 0.7)
+    assert nf["mean_shift"] == pytest.approx(0.1)  # median of 0.1, 0.05, 0.2: not sq_mean / var of the medians
+    assert nf["range"]["var_last"] == (2.0, 4.0) and nf["range"]["mean_shift"] == pytest.approx((0.05, 0.2))
+    none = spp["none"]  # one seed overflowed float32: the median over the other two would hide it
+    assert none["var_first"] == 0.4 and math.isnan(none["var_last"]) and all(math.isnan(x) for x in none["range"]["var_last"])
+    assert none["n_seeds"] == 3
 
 
 def test_spp_summary_and_findings_give_known_answers():
@@ -349,10 +363,12 @@ def test_spp_summary_and_findings_give_known_answers():
                    _spp_run("none", [0.4, 1e6, None], [0.1, 1e6, None], None)] + rec["runs"]
     spp = exp.spp_summary(rec)
     assert spp["bn"] == {"blocks": 3, "var_first": 0.5, "var_last": 4.0, "sq_mean_last": 1.0, "mean_shift": 0.25,
-                         "branch_var": 0.7}
+                         "branch_var": 0.7, "n_seeds": 1,
+                         "range": {"var_first": (0.5, 0.5), "var_last": (4.0, 4.0), "sq_mean_last": (1.0, 1.0),
+                                   "mean_shift": (0.25, 0.25), "branch_var": (0.7, 0.7)}}
     assert spp["none"]["var_first"] == 0.4 and math.isnan(spp["none"]["var_last"]) and math.isnan(spp["none"]["mean_shift"])
     lines = exp.findings(rec)
-    assert lines[0].startswith("Signal propagation at initialization (ResNet-110, 64 test images)")
+    assert lines[0].startswith("Signal propagation at initialization (ResNet-110, 64 test images, median of 1 seed)")
     assert "BN-ReLU (pre-act) 0.5 and 4; no normalization (pre-act) 0.4 and nan" in lines[0]
     assert lines[1] == ("Chosen lr (lowest validation error of the sweep): BN 0.1; NF + AGC 0.3; no norm 0.01. "
                         "At the end of its grid: NF + AGC (high end); no norm (low end).")

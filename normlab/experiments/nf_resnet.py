@@ -60,7 +60,7 @@ _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3
 # 15k images: 19-20 min per run (14 for none), 28 runs, <= 8.4 CPU-hours (less for runs that diverge early).
 _CONVERGED = {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
               "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
-              "spp_models": ["bn", "none", "nf", "nf_nows"], "train": [], "seeds": [0],
+              "spp_models": ["bn", "none", "nf", "nf_nows"], "spp_seeds": [0, 1, 2], "train": [], "seeds": [0],
               "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.1, 0.3, 1.0, 3.0],
                       "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
               "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
@@ -99,12 +99,14 @@ TRAIN_MODELS = ("bn", "none", "nf", "nf_noagc")
 
 
 def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Signal propagation runs first (cheap, first seed only), then the fixed-lr training runs, seed by
+    """Signal propagation runs first (cheap; seed by seed over `spp_seeds`, by default the first of `seeds`), then the fixed-lr training runs, seed by
     seed; then the lr sweep network by network (a network's final runs need only its own sweep), then
     the final runs seed by seed (a partial record then already pairs the networks)."""
     out: list[dict[str, Any]] = []
-    # signal propagation at init: one seed is enough (a batch of 64+ images, thousands of channels)
-    out += [{"kind": "spp", "model": m, "seed": config["seeds"][0]} for m in config["spp_models"]]
+    # signal propagation at init: a few seconds a run, so a verdict on it can rest on several draws of
+    # the weights and the image batch (the seed sets both)
+    out += [{"kind": "spp", "model": m, "seed": seed} for seed in config.get("spp_seeds", config["seeds"][:1])
+            for m in config["spp_models"]]
     for seed in config["seeds"]:
         out += [{"kind": "train", "model": m, "lr": lr, "seed": seed} for m, lr in config["train"]]
     lrs = _check_lrs(config)
@@ -505,22 +507,32 @@ SPP_NAMES = {"bn": "BN-ReLU (pre-act)", "none": "no normalization (pre-act)", "n
              "nf_nows": "NF-ResNet without scaled WS"}
 
 
-def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The signal propagation runs in numbers: `{model: {"blocks", "var_first", "var_last" (average channel
     variance after the first and the last block), "sq_mean_last" (average squared channel mean after the
     last block), "mean_shift" (sq_mean_last / var_last), "branch_var" (residual branch variance, mean over
-    blocks)}}`, in the record's order; `nan` where a statistic overflowed float32 (recorded as null)."""
+    blocks), "n_seeds", "range": {statistic: (min, max) over seeds}}}`, in the record's order. Each
+    statistic is the median over the model's seeds (draws of weights and images); `nan` where a statistic
+    overflowed float32 (recorded as null) in any seed, since an overflow is itself the finding."""
     val = lambda x: math.nan if x is None else x  # noqa: E731
-    out = {}
+    per_seed: dict[str, list[dict[str, float]]] = {}
     for r in record["runs"]:
         if r["config"].get("kind") != "spp":
             continue
         first, last = r["history"][0], r["history"][-1]
         var_last, sq_last = val(last["avg_var"]), val(last["avg_sq_mean"])
-        out[r["config"]["model"]] = {"blocks": len(r["history"]), "var_first": val(first["avg_var"]),
-                                     "var_last": var_last, "sq_mean_last": sq_last,
-                                     "mean_shift": sq_last / var_last if var_last else math.nan,
-                                     "branch_var": val(r["metrics"]["mean_res_var"])}
+        per_seed.setdefault(r["config"]["model"], []).append(
+            {"blocks": len(r["history"]), "var_first": val(first["avg_var"]), "var_last": var_last,
+             "sq_mean_last": sq_last, "mean_shift": sq_last / var_last if var_last else math.nan,
+             "branch_var": val(r["metrics"]["mean_res_var"])})
+    out: dict[str, dict[str, Any]] = {}
+    for model, rows in per_seed.items():
+        stats = {k: [row[k] for row in rows] for k in rows[0]}
+        nan = {k: any(math.isnan(v) for v in vs) for k, vs in stats.items()}
+        out[model] = {k: math.nan if nan[k] else statistics.median(vs) for k, vs in stats.items()}
+        out[model]["n_seeds"] = len(rows)
+        out[model]["range"] = {k: (math.nan, math.nan) if nan[k] else (min(vs), max(vs)) for k, vs in stats.items()
+                               if k != "blocks"}
     return out
 
 
@@ -535,8 +547,10 @@ def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: flo
     spp = spp_summary(record)
     if spp:
         cfg = record["config"]
+        n = sorted({s["n_seeds"] for s in spp.values()})
+        seeds = f"median of {n[0]} seed{'s' * (n[0] > 1)}" if len(n) == 1 else f"median of {n[0]}-{n[-1]} seeds"
         out.append(f"Signal propagation at initialization (ResNet-{cfg['spp_depth']}, {cfg['spp_batch']} test "
-                   "images): average channel variance after the first and the last block, "
+                   f"images, {seeds}): average channel variance after the first and the last block, "
                    + "; ".join(f"{SPP_NAMES[m]} {s['var_first']:.3g} and {s['var_last']:.3g}" for m, s in spp.items())
                    + ". Squared channel mean / variance after the last block: "
                    + "; ".join(f"{SPP_NAMES[m]} {s['mean_shift']:.2f}" for m, s in spp.items()) + ".")
