@@ -343,9 +343,9 @@ def _spp_run(model, var, sq_mean, res_var, seed=0):
 
 
 def test_spp_summary_takes_the_median_over_seeds_and_keeps_an_overflow():
-    rec = {"config": {}, "runs": [_spp_run("nf", [1.0, v], [0.0, m], b, seed=s)
+    rec = {"config": {}, "runs": [_spp_run("nf", [1.0, 1.5, v], [0.0, 0.0, m], b, seed=s)
                                   for s, (v, m, b) in enumerate([(2.0, 0.2, 0.5), (4.0, 0.2, 0.9), (3.0, 0.6, 0.7)])]
-                                 + [_spp_run("none", [0.4, v], [0.1, v], None, seed=s) for s, v in enumerate([1e6, None, 2e6])]}
+                                 + [_spp_run("none", [0.4, 1.0, v], [0.1, 1.0, v], None, seed=s) for s, v in enumerate([1e6, None, 2e6])]}
     spp = exp.spp_summary(rec)
     nf = spp["nf"]
     assert (nf["n_seeds"], nf["var_last"], nf["sq_mean_last"], nf["branch_var"]) == (3, 3.0, 0.2, 0.7)
@@ -356,6 +356,16 @@ def test_spp_summary_takes_the_median_over_seeds_and_keeps_an_overflow():
     assert none["n_seeds"] == 3
 
 
+def test_stage_linearity_tells_linear_growth_from_exponential():
+    linear = [1.0 + i for i in range(6)] * 3  # three stages, each a straight line with a reset
+    assert exp._stage_linearity(linear) == pytest.approx(1.0)
+    exponential = [2.0 ** i for i in range(18)]  # one run-away stream: the late stages bend
+    assert exp._stage_linearity(exponential) < 0.95
+    assert math.isnan(exp._stage_linearity([1.0, 2.0, 3.0, 4.0, 5.0, math.nan, 7.0, 8.0, 9.0]))
+    with pytest.raises(ValueError, match="do not split into 3 stages"):
+        exp._stage_linearity([1.0] * 10)
+
+
 def test_spp_summary_and_findings_give_known_answers():
     rec = _fake_record()
     rec["config"] = {**rec["config"], "spp_depth": 110, "spp_batch": 64}
@@ -363,9 +373,11 @@ def test_spp_summary_and_findings_give_known_answers():
                    _spp_run("none", [0.4, 1e6, None], [0.1, 1e6, None], None)] + rec["runs"]
     spp = exp.spp_summary(rec)
     assert spp["bn"] == {"blocks": 3, "var_first": 0.5, "var_last": 4.0, "sq_mean_last": 1.0, "mean_shift": 0.25,
-                         "branch_var": 0.7, "n_seeds": 1,
+                         "branch_var": 0.7, "n_seeds": 1, "stage_linearity": spp["bn"]["stage_linearity"],
                          "range": {"var_first": (0.5, 0.5), "var_last": (4.0, 4.0), "sq_mean_last": (1.0, 1.0),
-                                   "mean_shift": (0.25, 0.25), "branch_var": (0.7, 0.7)}}
+                                   "mean_shift": (0.25, 0.25), "branch_var": (0.7, 0.7),
+                                   "stage_linearity": spp["bn"]["range"]["stage_linearity"]}}
+    assert math.isnan(spp["bn"]["stage_linearity"])  # stages of one block: no line to fit
     assert spp["none"]["var_first"] == 0.4 and math.isnan(spp["none"]["var_last"]) and math.isnan(spp["none"]["mean_shift"])
     lines = exp.findings(rec)
     assert lines[0].startswith("Signal propagation at initialization (ResNet-110, 64 test images, median of 1 seed)")

@@ -511,7 +511,10 @@ def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The signal propagation runs in numbers: `{model: {"blocks", "var_first", "var_last" (average channel
     variance after the first and the last block), "sq_mean_last" (average squared channel mean after the
     last block), "mean_shift" (sq_mean_last / var_last), "branch_var" (residual branch variance, mean over
-    blocks), "n_seeds", "range": {statistic: (min, max) over seeds}}}`, in the record's order. Each
+    blocks), "stage_linearity" (the lowest, over the three stages, Pearson correlation of the variance
+    with the block index: 1 for the paper's linear growth within a stage; nan for stages of fewer than 3
+    blocks), "n_seeds", "range":
+    {statistic: (min, max) over seeds}}}`, in the record's order. Each
     statistic is the median over the model's seeds (draws of weights and images); `nan` where a statistic
     overflowed float32 (recorded as null) in any seed, since an overflow is itself the finding."""
     val = lambda x: math.nan if x is None else x  # noqa: E731
@@ -524,7 +527,8 @@ def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
         per_seed.setdefault(r["config"]["model"], []).append(
             {"blocks": len(r["history"]), "var_first": val(first["avg_var"]), "var_last": var_last,
              "sq_mean_last": sq_last, "mean_shift": sq_last / var_last if var_last else math.nan,
-             "branch_var": val(r["metrics"]["mean_res_var"])})
+             "branch_var": val(r["metrics"]["mean_res_var"]),
+             "stage_linearity": _stage_linearity([val(h["avg_var"]) for h in r["history"]])})
     out: dict[str, dict[str, Any]] = {}
     for model, rows in per_seed.items():
         stats = {k: [row[k] for row in rows] for k in rows[0]}
@@ -534,6 +538,18 @@ def spp_summary(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[model]["range"] = {k: (math.nan, math.nan) if nan[k] else (min(vs), max(vs)) for k, vs in stats.items()
                                if k != "blocks"}
     return out
+
+
+def _stage_linearity(var: list[float], stages: int = 3) -> float:
+    """min over the stages of corr(block index, variance): how straight each stage's segment of the
+    signal propagation plot is (the CIFAR ResNets have three stages of equal length)."""
+    if len(var) % stages:
+        raise ValueError(f"{len(var)} blocks do not split into {stages} stages of equal length")
+    n = len(var) // stages
+    if n < 3 or any(math.isnan(v) for v in var):
+        return math.nan
+    segs = [var[i * n:(i + 1) * n] for i in range(stages)]
+    return min(statistics.correlation(range(n), seg) if len(set(seg)) > 1 else math.nan for seg in segs)
 
 
 def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: float = 0.2) -> list[str]:
