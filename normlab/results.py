@@ -170,12 +170,31 @@ def header(record: dict[str, Any]) -> str:
     world = prov.get("world_size", 1)
     where = f"{prov.get('num_threads')} thread(s)" + (f" x {world} processes" if world > 1 else "")
     status = "" if record.get("complete", True) else ", still recording"
-    dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
     seconds = sum(compute_s(r) for r in record["runs"])
     compute = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
-    return (f"profile {record['profile']}: {len(record['runs'])} runs{status}, commit "
-            f"{(prov.get('git_commit') or 'unknown')[:10]}{dirty}, torch {prov.get('torch')}, {prov.get('device')} "
-            f"({machines(record)}, {where}), {compute} of compute")
+    return (f"profile {record['profile']}: {len(record['runs'])} runs{status}, {commits(record)}, "
+            f"torch {prov.get('torch')}, {prov.get('device')} ({machines(record)}, {where}), {compute} of compute")
+
+
+def commits(record: dict[str, Any]) -> str:
+    """The commit(s) a record's runs came from: "commit abc1234567", or, for a recording that spans
+    commits, each with its runs ("commits abc1234567: 6 runs; def7654321: 8 runs"); "(uncommitted
+    changes)" after any commit a run (or the record) was made from with a dirty tree. Runs without their
+    own provenance count as the record's."""
+    prov = record["provenance"]
+    own = [(r.get("provenance") or {}) for r in record["runs"]]
+    made = [(p.get("git_commit") or prov.get("git_commit") or "unknown",
+             p["git_dirty"] if "git_dirty" in p else bool(prov.get("git_dirty"))) for p in own]
+    if not made:
+        made = [(prov.get("git_commit") or "unknown", bool(prov.get("git_dirty")))]
+    order = list(dict.fromkeys(c for c, _ in made))  # first recorded first
+    dirty = {c for c, d in made if d}
+    def name(c: str) -> str:
+        return c[:10] + (" (uncommitted changes)" if c in dirty else "")
+    if len(order) == 1:
+        return f"commit {name(order[0])}"
+    count = {c: sum(1 for m, _ in made if m == c) for c in order}
+    return "commits " + "; ".join(f"{name(c)}: {count[c]} run{'s' * (count[c] != 1)}" for c in order)
 
 
 def compute_s(run: dict[str, Any]) -> float:

@@ -324,6 +324,18 @@ def test_header_says_where_a_record_came_from():
     assert "still recording" not in results.header(record) and "uncommitted" not in results.header(record)
 
 
+def test_header_names_every_commit_a_recording_spans():
+    prov = {"git_commit": "aaaaaaaaaaaa", "git_dirty": False, "torch": "2.14", "device": "cpu", "num_threads": 1}
+    def run(commit=None, dirty=False):
+        return {"wall_s": 1.0, "provenance": {"git_commit": commit, "git_dirty": dirty} if commit else {}}
+    record = {"profile": "cpu", "provenance": prov, "runs": [run(), run("aaaaaaaaaaaa")]}
+    assert results.commits(record) == "commit aaaaaaaaaa"  # a run without provenance is the record's
+    record["runs"] = [run(), run("bbbbbbbbbbbb"), run("bbbbbbbbbbbb", dirty=True)]
+    assert results.commits(record) == "commits aaaaaaaaaa: 1 run; bbbbbbbbbb (uncommitted changes): 2 runs"
+    assert ", commits aaaaaaaaaa: 1 run; bbbbbbbbbb (uncommitted changes): 2 runs, torch 2.14" in results.header(record)
+    assert results.commits({**record, "runs": []}) == "commit aaaaaaaaaa"
+
+
 def test_compute_counts_the_time_a_resumed_run_spent_before_it_was_killed():
     assert results.compute_s({"wall_s": 30.0, "history": [{"time_s": 10.0}, {"time_s": 95.5}]}) == 95.5
     assert results.compute_s({"wall_s": 100.0, "history": [{"time_s": 95.5}]}) == 100.0  # eval after the loop
