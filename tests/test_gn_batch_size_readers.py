@@ -52,11 +52,25 @@ def test_epoch_doubling_compares_the_change_with_the_seed_spread():
     assert e["change"].estimate == pytest.approx((-1 - 0.5 - 1) / 3)
     assert e["spread"] == pytest.approx(0.5)
     assert e["stable"] is False
+    assert e["per_seed"] == {"short": {0: 6.0, 1: 6.0, 2: 6.0}, "long": {0: 5.0, 1: 5.5, 2: 5.0}}
     # N=2: differences (2, 1.5, 1) at 30 epochs and (1, 0, -1) at 60: moved by -1.5, less than the spread 2
     e2 = exp.epoch_doubling(REC, 2)
     assert e2["change"].estimate == pytest.approx(-1.5)
     assert e2["spread"] == pytest.approx(2.0)
     assert e2["stable"] is True
+
+
+def test_doubling_checks_take_each_doubling_in_turn():
+    rec = _record({("bn", 32, 120): [19.0, 20.0, 21.0], ("gn", 32, 120): [24.0, 25.5, 26.0]})
+    rec["runs"] += REC["runs"]
+    checks = exp.doubling_checks(rec, 32)
+    assert [c["epochs"] for c in checks] == [(30, 60), (60, 120)]
+    assert checks[0] == exp.epoch_doubling(REC, 32)  # the first doubling, as in a record without 120 epochs
+    assert checks[1]["change"].estimate == pytest.approx(0.0) and checks[1]["stable"] is True  # 5, 5.5, 5 again
+    assert exp.epoch_doubling(rec, 32) == checks[1]  # default: the two longest lengths
+    assert [c["epochs"] for c in exp.doubling_checks(rec, 2)] == [(30, 60)]  # no 120 epochs at N=2
+    with pytest.raises(ValueError, match="between 30 and 120 epochs: the record trains"):
+        exp.epoch_doubling(REC, 32, between=(30, 120))
 
 
 def test_epoch_doubling_needs_two_lengths():
@@ -80,6 +94,7 @@ def test_epoch_doubling_with_one_seed_gives_no_interval_and_no_verdict():
     e = exp.epoch_doubling(one, 32)
     assert e["short"] is None and e["long"] is None and e["change"] is None
     assert e["spread"] is None and e["stable"] is None
+    assert e["per_seed"] == {"short": {0: 6.0}, "long": {0: 5.0}}  # what the chapter prints meanwhile
     assert exp.epoch_doubling(one, 2)["stable"] is None  # no runs at all at that N
 
 

@@ -342,11 +342,12 @@ def differences(record: dict[str, Any], epochs: int | None = None, metric: str =
             "gn_minus_bn": {n: iv for n, iv in gaps.items() if iv is not None}}
 
 
-def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error") -> dict[str, Any]:
+def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error",
+                   between: tuple[int, int] | None = None) -> dict[str, Any]:
     """Does doubling the training move the paired GN - BN difference at N = `n`?
 
-    For the two longest lengths L and 2L of the record: `short` and `long` (GN - BN at each, paired by
-    seed), `change` (the per-seed change of that difference, long minus short, as an Interval), and
+    For two lengths L and 2L of the record (`between`, default the two longest): `short` and `long` (GN - BN at each, paired by
+    seed), `per_seed` (`{"short": {seed: GN - BN}, "long": ...}`), `change` (the per-seed change of that difference, long minus short, as an Interval), and
     `spread` (max - min over seeds of the difference at 2L). The verdict is stable when
     |change.estimate| < spread: the extra training moved the difference by less than the seeds do.
     While the record is incomplete, an interval with fewer than 2 seeds is None, `spread` is None
@@ -355,14 +356,23 @@ def epoch_doubling(record: dict[str, Any], n: int, metric: str = "test_error") -
     ls = lengths(record)
     if len(ls) < 2:
         raise ValueError(f"the record trains one length ({ls}); epoch_doubling needs a profile with epoch_list")
-    short_len, long_len = ls[-2], ls[-1]
+    short_len, long_len = between or (ls[-2], ls[-1])
+    if short_len not in ls or long_len not in ls:
+        raise ValueError(f"epoch_doubling between {short_len} and {long_len} epochs: the record trains {ls}")
     short, long = (gn_minus_bn(record, n, metric, epochs=e) for e in (short_len, long_len))
     d_short, d_long = short["per_seed"], long["per_seed"]
     change = _paired(d_long, d_short)
     spread = max(d_long.values()) - min(d_long.values()) if len(d_long) >= 2 else None
     stable = None if change is None or spread is None else abs(change.estimate) < spread
     return {"epochs": (short_len, long_len), "short": short["interval"], "long": long["interval"],
-            "change": change, "spread": spread, "stable": stable}
+            "per_seed": {"short": d_short, "long": d_long}, "change": change, "spread": spread, "stable": stable}
+
+
+def doubling_checks(record: dict[str, Any], n: int, metric: str = "test_error") -> list[dict[str, Any]]:
+    """`epoch_doubling` for each pair of consecutive lengths the record trains at N = `n`, shortest first:
+    how the verdict moved at each doubling of the training (30 -> 60, 60 -> 120, ...)."""
+    at_n = sorted({_epochs(record, r) for r in record["runs"] if r["config"]["batch_size"] == n})
+    return [epoch_doubling(record, n, metric, between=pair) for pair in zip(at_n, at_n[1:])]
 
 
 # ----------------------------------------------------------------------------------------------------
