@@ -9,8 +9,8 @@ This script renames them in place, converts accuracy fractions to error percenta
 beyond that conversion, leaves everything else as it was (provenance included), and is idempotent:
 a migrated record is left untouched. The record files are rewritten atomically.
 
-It also records where a profile was amended while it recorded (`AMENDED`): a key added to the
-profile's configuration that drops runs not yet recorded, or adds runs. The key is added to the
+It also records where a profile was amended while it recorded (`AMENDED`): a key added to (or
+changed in) the profile's configuration that drops runs not yet recorded, or adds runs. The key is added to the
 record's configuration only if every run already recorded is still one of the profile's runs, so no
 recorded number changes meaning.
 """
@@ -34,11 +34,12 @@ RENAMED = {"data": "data_source", "dataset": "data_source", "train_steps": "step
 FULL_SIZE = {"cifar10": (50_000, 10_000), "fashion_mnist": (60_000, 10_000)}
 
 
-#: (experiment, profile) -> configuration keys added to the profile while it recorded. Each drops runs
-#: not yet recorded or adds runs, and changes none of those recorded.
+#: (experiment, profile) -> configuration keys added to (or changed in) the profile while it recorded.
+#: Each drops runs not yet recorded or adds runs, and changes none of those recorded.
 AMENDED: dict[tuple[str, str], dict[str, Any]] = {
-    # narrowed: the 60-epoch runs only at the N where the verdict is drawn (the epoch-doubling check)
-    ("gn_batch_size", "cpu_converged"): {"doubling_batch_sizes": [32, 2]},
+    # narrowed: the 60-epoch runs only at the N where the verdict is drawn (the epoch-doubling check);
+    # then widened: a second doubling, to 120 epochs, at those N
+    ("gn_batch_size", "cpu_converged"): {"doubling_batch_sizes": [32, 2], "epoch_list": [30, 60, 120]},
     # widened: signal propagation at three seeds (seconds each), so its verdict has a spread; seed 0's
     # runs, recorded first, are the same runs
     ("nf_resnet", "cpu_converged"): {"spp_seeds": [0, 1, 2]},

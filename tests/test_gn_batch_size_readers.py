@@ -100,7 +100,9 @@ def test_epoch_doubling_with_one_seed_gives_no_interval_and_no_verdict():
 
 def test_progress_counts_the_profile_runs():
     rec = {"config": exp.PROFILES["cpu_converged"], "runs": [{}] * 9, "complete": False}
-    assert exp.progress(rec) == {"recorded": 9, "planned": 5 * 2 * 3 + 2 * 2 * 3, "complete": False}
+    assert exp.progress(rec) == {"recorded": 9, "planned": 5 * 2 * 3 + 2 * 2 * 3 * 2, "complete": False}
+    lengths = [r["epochs"] for r in exp.runs(rec["config"])]
+    assert lengths == sorted(lengths)  # each length complete before the next doubling starts
 
 
 def test_seed_stats_are_means_at_the_headline_length():

@@ -51,6 +51,7 @@ def _gn_record(runs):
     from normlab.experiments import gn_batch_size as g
 
     config = {k: v for k, v in g.PROFILES["cpu_converged"].items() if k != "doubling_batch_sizes"}
+    config["epoch_list"] = [30, 60]  # as the profile first recorded
     return {"experiment": "gn_batch_size", "profile": "cpu_converged", "config": config, "complete": False,
             "runs": [{"key": results.run_key(r), "config": r} for r in runs]}
 
@@ -62,7 +63,7 @@ def test_a_narrowed_profile_keeps_its_recorded_runs_and_refuses_to_orphan_one():
                                                                           "epochs": 60}]
     narrowed = migrate.amend_record(_gn_record(kept))
     assert narrowed["config"] == g.PROFILES["cpu_converged"]  # the sweep's configuration check now passes
-    assert len(g.runs(narrowed["config"])) == 30 + 12 and narrowed["complete"] is False
+    assert len(g.runs(narrowed["config"])) == 30 + 12 + 12 and narrowed["complete"] is False
     assert migrate.amend_record(narrowed) is narrowed  # idempotent
     orphan = _gn_record(kept + [{"norm": "bn", "batch_size": 8, "seed": 0, "epochs": 60}])
     with pytest.raises(ValueError, match="batch_size.*8.*not a run of the profile amended"):

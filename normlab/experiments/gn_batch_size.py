@@ -69,10 +69,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "padding": 2},
     # trained to what the networks can reach on this CPU: ResNet-20, all 50k images, k=8 as in the paper,
     # 16 px (32 px costs 2.8x per epoch: `gn_batch_size_cost`), every run at 30 epochs, and the largest
-    # and smallest N again at 60 (after the 30-epoch runs), so the record shows whether doubling the
-    # training moves the verdict where it is drawn (60 epochs at every N would cost ~18 CPU-h more);
+    # and smallest N again at 60 and at 120 (after the 30-epoch runs), so the record shows whether each
+    # doubling of the training moves the verdict where it is drawn (60 epochs at every N would cost
+    # ~10 CPU-h more; 120 was added when 30 -> 60 moved GN - BN at N=2 by ~2 points in its first seeds);
     # bf16 where `gn_batch_size_precision` shows it does not move test error beyond the seed spread
-    "cpu_converged": {**_COMMON, "depth": 20, "width": 16, "workers": 8, "epochs": 60, "epoch_list": [30, 60],
+    "cpu_converged": {**_COMMON, "depth": 20, "width": 16, "workers": 8, "epochs": 60, "epoch_list": [30, 60, 120],
                       "doubling_batch_sizes": [32, 2],
                       "eval_every": 5, "train_subset": None, "test_subset": None, "seeds": [0, 1, 2],
                       "image_size": 16, "padding": 2, "precise_bn_images": 10000, "precision": "auto",
