@@ -261,7 +261,7 @@ def test_gn_batch_size_profiles_are_consistent():
         assert exp.train_config({"norm": "gn", "batch_size": 32, "seed": 0}, cfg).lr == pytest.approx(cfg["base_lr"])
     assert all(r["epochs"] == 20 for r in longer.runs(longer.PROFILES["cpu"]))
     converged = exp.runs(exp.PROFILES["cpu_converged"])
-    assert [r["epochs"] for r in converged] == [30] * 30 + [60] * 12  # the shorter runs first
+    assert [r["epochs"] for r in converged] == [30] * 30 + [60] * 12 + [120] * 12  # the shorter runs first
     assert {r["batch_size"] for r in converged if r["epochs"] == 60} == {32, 2}  # doubling only where judged
     assert [r["seed"] for r in longer.runs(longer.PROFILES["cpu"])][:4] == [0] * 4  # seed-major order
     with pytest.raises(ValueError, match="norm must be"):
