@@ -9,6 +9,7 @@ guards it). The book only ever *reads* these files; `normlab.sweep` produces the
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import json
 import os
@@ -187,14 +188,13 @@ def commits(record: dict[str, Any]) -> str:
              p["git_dirty"] if "git_dirty" in p else bool(prov.get("git_dirty"))) for p in own]
     if not made:
         made = [(prov.get("git_commit") or "unknown", bool(prov.get("git_dirty")))]
-    order = list(dict.fromkeys(c for c, _ in made))  # first recorded first
+    count = collections.Counter(c for c, _ in made)  # in first-recorded order
     dirty = {c for c, d in made if d}
     def name(c: str) -> str:
         return c[:10] + (" (uncommitted changes)" if c in dirty else "")
-    if len(order) == 1:
-        return f"commit {name(order[0])}"
-    count = {c: sum(1 for m, _ in made if m == c) for c in order}
-    return "commits " + "; ".join(f"{name(c)}: {count[c]} run{'s' * (count[c] != 1)}" for c in order)
+    if len(count) == 1:
+        return f"commit {name(next(iter(count)))}"
+    return "commits " + "; ".join(f"{name(c)}: {_n_runs(k)}" for c, k in count.items())
 
 
 def compute_s(run: dict[str, Any]) -> float:
@@ -213,11 +213,13 @@ def machines(record: dict[str, Any]) -> str:
     named = sorted(set(n for n in names if n))
     if not named:  # no run names its machine: the one the record was started on
         return str(record["provenance"].get("device_name"))
-    def runs(k: int) -> str:
-        return f"{k} run" + ("s" if k != 1 else "")
-    counts = [f"{n}: {runs(names.count(n))}" for n in named] if len(named) > 1 else named
+    counts = [f"{n}: {_n_runs(names.count(n))}" for n in named] if len(named) > 1 else named
     unnamed = names.count(None)
-    return "; ".join(counts + ([f"{runs(unnamed)} without a recorded machine"] if unnamed else []))
+    return "; ".join(counts + ([f"{_n_runs(unnamed)} without a recorded machine"] if unnamed else []))
+
+
+def _n_runs(k: int) -> str:
+    return f"{k} run" + ("s" if k != 1 else "")
 
 
 def for_notebook(experiment: str, profile: str) -> dict[str, Any]:
