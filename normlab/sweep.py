@@ -227,16 +227,23 @@ def sweep(
     # over) as long as runs get recorded, and wait while another process runs something (it may be what
     # they need); when nothing is running, what they need will never come: an error.
     while "not ready" in outcomes:
-        pending = _shared([(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in _recorded(out) and mine(rc)]
+        seen = _recorded(out) if rank0 else set()
+        pending = _shared([(i, rc) for i, rc in enumerate(all_runs) if run_key(rc) not in seen and mine(rc)]
                           if rank0 else None)
         outcomes = [attempt(i, rc) for i, rc in pending]
         if "not ready" in outcomes and "recorded" not in outcomes:
-            if not _agreed(_others_running(out) if rank0 else None):
+            # Another process may have recorded what they need after they read the record, and now be
+            # between two runs, holding no claim. Its claims are looked at first: a run's claim is dropped
+            # in the same locked step that records it, so with no claim left, all it recorded is on disk.
+            if _agreed(_others_running(out) if rank0 else None):
+                time.sleep(poll_s)
+            elif _agreed(_recorded(out) != seen if rank0 else None):
+                continue  # something new was recorded during this pass: try again at once
+            else:
                 why = "; ".join(f"{run_key(rc)}: {waiting[run_key(rc)]}"
                                 for (i, rc), o in zip(pending, outcomes) if o == "not ready")
                 raise RuntimeError(f"run(s) of {experiment}/{profile} wait for runs that are neither recorded nor "
                                    f"running: {why}. Check that runs() lists every run they need")
-            time.sleep(poll_s)
     if rank0 and not out.exists():
         atomic_write_json(out, new_record)
     if dist.is_initialized():

@@ -131,16 +131,30 @@ def test_parse_only_reads_values_as_json_else_strings():
 DEPENDENT_EXPERIMENT = textwrap.dedent('''
     """A test experiment: the run "total" sums the squares the other runs recorded."""
     from normlab.experiments import NotReady
-    PROFILES = {"cpu": {"n": 3, "need": 3}, "orphan": {"n": 3, "need": 4}}
+    # "late": square 3 is seed 1's, recorded by another process (here: from inside "total", right after it
+    # read the record) which then holds no claim, as between two of its runs
+    PROFILES = {"cpu": {"n": 3, "need": 3}, "orphan": {"n": 3, "need": 4}, "late": {"n": 3, "need": 4, "late": True}}
 
     def runs(config):
-        return [{"i": "total", "seed": 0}] + [{"i": i, "seed": 0} for i in range(config["n"])]
+        late = [{"i": 3, "seed": 1}] if config.get("late") else []
+        return [{"i": "total", "seed": 0}] + [{"i": i, "seed": 0} for i in range(config["n"])] + late
+
+    def record_elsewhere(run):
+        from normlab import results, sweep
+        out = results.result_path(__name__, "late")
+        with sweep._locked(out):
+            rec = results.load_path(out)
+            rec["runs"].append({"key": results.run_key(run), "config": run, "seed": run["seed"],
+                                "metrics": {"square": run["i"] ** 2}, "history": []})
+            results.atomic_write_json(out, rec)
 
     def run_one(run, config, device, progress=False, record=None):
         if run["i"] != "total":
             return {"metrics": {"square": run["i"] ** 2}, "history": []}
         got = [r["metrics"]["square"] for r in record["runs"] if r["config"]["i"] != "total"]
         if len(got) < config["need"]:
+            if config.get("late") and len(got) == 3:
+                record_elsewhere({"i": 3, "seed": 1})
             raise NotReady(f"{len(got)} of {config['need']} squares recorded")
         return {"metrics": {"sum": sum(got)}, "history": []}
 ''')
@@ -163,6 +177,15 @@ def test_a_run_that_is_not_ready_waits_for_the_runs_it_needs(dependent_exp):
     assert [r["config"]["i"] for r in rec["runs"]] == [0, 1, 2, "total"]
     assert rec["runs"][-1]["metrics"]["sum"] == 0 + 1 + 4 and rec["complete"]
     assert not json.loads(results.result_path("depexp.dependent", "cpu").with_name("cpu.json.claims").read_text())
+
+
+def test_a_run_waits_for_what_another_process_recorded_after_it_read_the_record(dependent_exp):
+    """The other process recorded the last square after "total" read the record, and holds no claim when
+    this one looks: not an error, since the record grew during the pass; "total" is tried again."""
+    rec = sweep.sweep("depexp.dependent", "late", log=None, only={"seed": 0}, poll_s=0.1)
+    assert sorted(r["config"]["i"] for r in rec["runs"] if r["config"]["i"] != "total") == [0, 1, 2, 3]
+    assert rec["runs"][-1]["config"]["i"] == "total" and rec["runs"][-1]["metrics"]["sum"] == 0 + 1 + 4 + 9
+    assert rec["complete"]
 
 
 def test_a_run_whose_needs_never_come_is_an_error_after_others_finish(dependent_exp):
