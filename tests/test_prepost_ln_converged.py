@@ -126,6 +126,35 @@ def test_budget_gain_pairs_longer_runs_with_the_depth_study():
     assert placement == "pre" and iv.n == 3 and iv.estimate == pytest.approx(-0.04)
 
 
+def test_depth_difference_pairs_two_placements_at_each_depth():
+    diffs = P.depth_difference(depth_record())  # deepnorm - pre: 0.05 at both depths, every seed
+    assert sorted(diffs) == [2, 8] and all(iv.n == 3 and iv.estimate == pytest.approx(0.05) for iv in diffs.values())
+    # post at depth 8: 3.30, 3.31 (above the unigram loss, 3.309) and diverged: the last two score the unigram loss
+    post = P.depth_difference(depth_record(), "post", "pre")[8]
+    assert post.estimate == pytest.approx((3.3 + 2 * P.unigram_loss(0.1)) / 3 - 1.8)
+    with pytest.raises(ValueError, match="no 'rms' runs in the depth study"):
+        P.depth_difference(depth_record(), "rms")
+
+
+def test_budget_shift_is_the_change_of_post_minus_pre_with_the_budget():
+    runs = []
+    for seed in range(3):
+        # at the depth study's steps post - pre = 0.1, 0.1, 0.1; with the budget's 0.05, 0.06, 0.07
+        runs += [run("depth_study", "post", 1e-3, seed, 2.0), run("depth_study", "pre", 1e-2, seed, 1.9),
+                 run("budget", "post", 1e-3, seed, 1.9, steps=20),
+                 run("budget", "pre", 1e-2, seed, 1.85 - 0.01 * seed, steps=20)]
+    shift = P.budget_shift(record(runs), unigram=3.3)
+    assert shift["short"].estimate == pytest.approx(0.1) and shift["short"].n == 3
+    assert shift["long"].estimate == pytest.approx(0.06)
+    assert shift["change"].estimate == pytest.approx(-0.04) and shift["change"].n == 3
+    assert shift["change"].high - shift["change"].low == pytest.approx(2 * t_quantile(0.975, 2) * 0.01 / math.sqrt(3))
+    # a seed stuck above the unigram loss counts at it, as in every claim of the chapter
+    runs[-2] = run("budget", "post", 1e-3, 2, 3.4, steps=20)
+    assert P.budget_shift(record(runs), unigram=3.3)["long"].estimate == pytest.approx((0.05 + 0.06 + 1.47) / 3)
+    with pytest.raises(ValueError, match="needs both 'post' and 'pre'"):
+        P.budget_shift(depth_record(), unigram=3.3)
+
+
 def test_flatness_reads_the_last_fifth_of_the_curve():
     runs = [run("grid", "pre", 1e-3, seed, 1.80 - 0.01 * seed, curve={4: 2.5, 8: 1.9 - 0.01 * seed, 10: 1.80 - 0.01 * seed})
             for seed in range(3)]

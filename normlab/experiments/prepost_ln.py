@@ -30,6 +30,7 @@ profiles replace studies 2 and 3 with a design whose every choice is recorded:
 
 Readers of a converged record (the chapter's cells): `grid_table`, `best_lrs`, `best_cell`, `best_cells`,
 `mean_curve`, `post_minus_pre`, `rms_minus_ln`, `depth_table`, `depth_lrs_used`, `flatness`, `budget_gain`,
+`budget_shift`, `depth_difference`,
 `grad_profiles`, `grad_ratio_difference`, `context_gain`, and `claims` (the verdict table's rows, from the
 grid record and the depth record together); differences are `normlab.stats.Interval`s, paired by seed.
 `measure_tokens_per_s` and `cost_estimate` size a profile.
@@ -534,6 +535,46 @@ def budget_gain(record: dict[str, Any]) -> dict[str, Interval]:
     for cell in _cells(record, "budget"):
         out[cell[0]] = _paired(record, cell, cell, "budget", "depth_study")
     return out
+
+
+def depth_difference(record: dict[str, Any], a: str = "deepnorm", b: str = "pre") -> dict[int, Interval]:
+    """`{depth: Interval}`: placement `a` minus placement `b` in the depth study, final validation loss read
+    as `scored_loss`, paired by seed, each at its own lr; only the depths both placements have."""
+    cells = _cells(record, "depth_study")
+    by = {(c[0], c[2]): c for c in cells}
+    placements = sorted({c[0] for c in cells})
+    for p in (a, b):
+        if p not in placements:
+            raise ValueError(f"no {p!r} runs in the depth study (it has {placements}): name one of those")
+    depths = sorted({dep for p, dep in by if p == a} & {dep for p, dep in by if p == b})
+    return {dep: _paired(record, by[(a, dep)], by[(b, dep)], "depth_study", "depth_study", scored=True)
+            for dep in depths}
+
+
+def budget_shift(record: dict[str, Any], unigram: float | None = None) -> dict[str, Interval]:
+    """Does the compared quantity move with the budget? Post-LN minus pre-LN final validation loss at the
+    budget check's depth, each at its lr there, read as `scored_loss` and paired by seed: `"short"` with
+    the depth study's steps, `"long"` with the budget check's, and `"change"` = long minus short, the
+    difference of the per-seed differences. Near 0: the budget moves both placements alike, so a verdict
+    on post minus pre stands even where the losses themselves still fall (`budget_gain`)."""
+    cells = {cell[0]: cell for cell in _cells(record, "budget")}
+    if not {"post", "pre"} <= set(cells):
+        raise ValueError(f"the budget check has placements {sorted(cells)}: post minus pre needs both 'post' and "
+                         "'pre' in the profile's budget placements")
+    unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
+
+    def diff(study: str) -> dict[int, float]:
+        post, pre = (_cells(record, study).get(cells[p]) for p in ("post", "pre"))
+        if post is None or pre is None:
+            raise ValueError(f"no {study} cell for {cells['post'] if post is None else cells['pre']}: the budget "
+                             "check must repeat cells of the depth study")
+        return {s: scored_loss(post[s], unigram) - scored_loss(pre[s], unigram) for s in post if s in pre}
+
+    short, long = diff("depth_study"), diff("budget")
+    seeds = [s for s in long if s in short]
+    return {"short": paired_difference(short, {s: 0.0 for s in short}),
+            "long": paired_difference(long, {s: 0.0 for s in long}),
+            "change": paired_difference({s: long[s] for s in seeds}, {s: short[s] for s in seeds})}
 
 
 
