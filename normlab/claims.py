@@ -627,6 +627,69 @@ def running_statistics() -> Measured:
     return Measured(values, "holds" if m is None or m >= 5 else "does not hold", [path])
 
 
+def _prepost() -> tuple[list[tuple[str, Any, str]], dict[str, Any], dict[str, Any], list[str]]:
+    """Ch08's verdict rows (`prepost_ln.claims`, final validation loss in nats/char, a stuck or diverged
+    seed counted at the unigram loss, paired by seed) over the converged grid and the depth study, the two
+    records, and their paths."""
+    from .experiments import prepost_ln
+
+    grid, grid_path = record_path("prepost_ln", "cpu_converged")
+    depth, depth_path = record_path("prepost_ln", "cpu_converged_depth")
+    return prepost_ln.claims(grid, depth), grid, depth, [grid_path, depth_path]
+
+
+def _row(rows: list[tuple[str, Any, str]], words: str) -> tuple[Any, str]:
+    """The `(interval, verdict)` of the one row whose claim starts with `words`."""
+    (hit,) = [(iv, v) for text, iv, v in rows if text.startswith(words)]
+    return hit
+
+
+@measure("C29")
+def warmup_and_stability() -> Measured:
+    """Post-LN without minus with warmup (at its best lr with warmup), post-LN minus pre-LN without warmup
+    (at pre-LN's best lr without), and post minus pre of the W2 gradient's last/first ratio at init."""
+    rows, _, _, paths = _prepost()
+    needs, needs_v = _row(rows, "post-LN needs warmup")
+    where, where_v = _row(rows, "pre-LN trains without warmup")
+    grad, _ = _row(rows, "at init")
+    values = {"post_ln_without_minus_with_warmup_nats": interval(needs),
+              "post_minus_pre_ln_without_warmup_nats": interval(where),
+              "grad_last_over_first_post_minus_pre_at_init": interval(grad)}
+    return Measured(values, combine([needs_v, where_v]), paths)
+
+
+@measure("C30")
+def post_or_pre_ln_better() -> Measured:
+    """Post-LN minus pre-LN final loss, each at its best lr, with and without warmup: is post-LN better
+    when it trains (with warmup), or pre-LN better?"""
+    from .experiments import prepost_ln
+
+    rows, grid, _, paths = _prepost()
+    post_better_v = _row(rows, "with warmup, post-LN beats pre-LN")[1]
+    diffs = prepost_ln.post_minus_pre(grid, scored=True)
+    values = {f"post_minus_pre_ln_warmup_{w}_nats": interval(iv) for w, iv in diffs.items()}
+    # the two sources' statements: post-LN ends lower when it trains (warmup), pre-LN ends lower (each warmup)
+    pre_better = [stats.seed_verdict(iv, direction="greater") for iv in diffs.values()]
+    return Measured(values, combine([post_better_v, *pre_better]), paths)
+
+
+@measure("C31")
+def post_ln_depth() -> Measured:
+    """Seeds of post-LN stuck or diverged at each depth of the depth study, and what pre-LN and DeepNorm
+    learn beyond the unigram loss at its largest depth. The "100+ layers" half is the sources'."""
+    from .experiments import prepost_ln
+
+    rows, _, depth, paths = _prepost()
+    values = {}
+    for r in prepost_ln.depth_table(depth):
+        if r["placement"] == "post":
+            values[f"post_ln_failed_seeds_depth_{r['depth']}"] = f"{r['n_stuck'] + r['n_diverged']} of {r['n']}"
+    deepest = max(r["depth"] for r in prepost_ln.depth_table(depth))
+    for name, words in (("pre_ln", "pre-LN trains at depth"), ("deepnorm", "DeepNorm trains at depth")):
+        values[f"{name}_gain_over_unigram_depth_{deepest}_nats"] = interval(_row(rows, words)[0])
+    return Measured(values, None, paths)
+
+
 # --- the ledger ------------------------------------------------------------------------------------------
 
 

@@ -54,6 +54,23 @@ def test_a_record_still_recording_is_pending_not_measured(tmp_path, monkeypatch)
         claims.MEASURES["C20"]()  # bn_fold_speed: nothing recorded in this folder
 
 
+def test_the_transformer_claims_wait_for_the_depth_study(tmp_path, monkeypatch):
+    # C29-C31 read ch08's grid and its depth study together: a complete grid is not enough.
+    import json
+    import shutil
+
+    from normlab import results
+
+    (tmp_path / "prepost_ln").mkdir()
+    shutil.copy(results.results_dir() / "prepost_ln" / "cpu_converged.json", tmp_path / "prepost_ln")
+    (tmp_path / "prepost_ln" / "cpu_converged_depth.json").write_text(
+        json.dumps({"profile": "cpu_converged_depth", "complete": False, "runs": []}))
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    for cid in ("C29", "C30", "C31"):
+        with pytest.raises(claims.RecordPending, match="cpu_converged_depth.json is still recording"):
+            claims.MEASURES[cid]()
+
+
 def test_a_typed_number_or_verdict_is_caught(entries):
     changed = copy.deepcopy(entries)
     c06 = next(e for e in changed if e["id"] == "C06")
