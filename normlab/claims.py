@@ -680,11 +680,10 @@ def post_ln_depth() -> Measured:
     from .experiments import prepost_ln
 
     rows, _, depth, paths = _prepost()
-    values = {}
-    for r in prepost_ln.depth_table(depth):
-        if r["placement"] == "post":
-            values[f"post_ln_failed_seeds_depth_{r['depth']}"] = f"{r['n_stuck'] + r['n_diverged']} of {r['n']}"
-    deepest = max(r["depth"] for r in prepost_ln.depth_table(depth))
+    table = prepost_ln.depth_table(depth)
+    values = {f"post_ln_failed_seeds_depth_{r['depth']}": f"{r['n_stuck'] + r['n_diverged']} of {r['n']}"
+              for r in table if r["placement"] == "post"}
+    deepest = max(r["depth"] for r in table)
     for name, words in (("pre_ln", "pre-LN trains at depth"), ("deepnorm", "DeepNorm trains at depth")):
         values[f"{name}_gain_over_unigram_depth_{deepest}_nats"] = interval(_row(rows, words)[0])
     return Measured(values, None, paths)

@@ -446,21 +446,25 @@ def _paired(record: dict[str, Any], a: tuple, b: tuple, study_a: str = "grid", s
     """`paired_difference` of final validation losses, cell `a` minus cell `b`, over their common seeds.
     A diverged seed is refused, or, with `scored`, every run is read as its `scored_loss` against `unigram`
     (default `unigram_loss` of the record's data)."""
-    ca, cb = _cells(record, study_a).get(a), _cells(record, study_b).get(b)
-    for cell, runs_, study in ((a, ca, study_a), (b, cb, study_b)):
-        if runs_ is None:
-            raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
-        bad = [seed for seed, r in runs_.items() if _final(r) is None]
-        if bad and not scored:
-            raise ValueError(f"{study} cell {dict(zip(CELL, cell))} diverged at seeds {bad}: a difference of final "
-                             "losses needs every seed to finish; report the divergence instead (or pass scored=True)")
-    if scored:
-        unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
-        value = functools.partial(scored_loss, unigram=unigram)
-    else:
-        value = _final
-    seeds = [s for s in ca if s in cb]
-    return paired_difference({s: value(ca[s]) for s in seeds}, {s: value(cb[s]) for s in seeds})
+    va, vb = _values(record, a, study_a, scored, unigram), _values(record, b, study_b, scored, unigram)
+    seeds = [s for s in va if s in vb]
+    return paired_difference({s: va[s] for s in seeds}, {s: vb[s] for s in seeds})
+
+
+def _values(record: dict[str, Any], cell: tuple, study: str, scored: bool, unigram: float | None) -> dict[int, float]:
+    """`{seed: final validation loss}` of one cell of `study`, as `_paired` reads it: a diverged seed is
+    refused, or, with `scored`, every run is its `scored_loss` against `unigram` (default: the record's)."""
+    runs_ = _cells(record, study).get(cell)
+    if runs_ is None:
+        raise ValueError(f"no {study} cell {dict(zip(CELL, cell))} in the record: it was not part of the profile")
+    bad = [seed for seed, r in runs_.items() if _final(r) is None]
+    if bad and not scored:
+        raise ValueError(f"{study} cell {dict(zip(CELL, cell))} diverged at seeds {bad}: a difference of final "
+                         "losses needs every seed to finish; report the divergence instead (or pass scored=True)")
+    if not scored:
+        return {s: _final(r) for s, r in runs_.items()}
+    unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
+    return {s: scored_loss(r, unigram) for s, r in runs_.items()}
 
 
 def post_minus_pre(record: dict[str, Any], scored: bool = False) -> dict[int, Interval]:
@@ -561,14 +565,10 @@ def budget_shift(record: dict[str, Any], unigram: float | None = None) -> dict[s
     if not {"post", "pre"} <= set(cells):
         raise ValueError(f"the budget check has placements {sorted(cells)}: post minus pre needs both 'post' and "
                          "'pre' in the profile's budget placements")
-    unigram = unigram_loss(record["config"]["val_fraction"]) if unigram is None else unigram
 
     def diff(study: str) -> dict[int, float]:
-        post, pre = (_cells(record, study).get(cells[p]) for p in ("post", "pre"))
-        if post is None or pre is None:
-            raise ValueError(f"no {study} cell for {cells['post'] if post is None else cells['pre']}: the budget "
-                             "check must repeat cells of the depth study")
-        return {s: scored_loss(post[s], unigram) - scored_loss(pre[s], unigram) for s in post if s in pre}
+        post, pre = (_values(record, cells[p], study, True, unigram) for p in ("post", "pre"))
+        return {s: post[s] - pre[s] for s in post if s in pre}
 
     short, long = diff("depth_study"), diff("budget")
     seeds = [s for s in long if s in short]
