@@ -42,10 +42,12 @@ AMENDED: dict[tuple[str, str], dict[str, Any]] = {
     ("gn_batch_size", "cpu_converged"): {"doubling_batch_sizes": [32, 2], "epoch_list": [30, 60, 120]},
     # widened: signal propagation at three seeds (seconds each), so its verdict has a spread; seed 0's
     # runs, recorded first, are the same runs. Then NF+AGC's lr grid by 0.03, below the best of its
-    # recorded sweep (0.1, the grid's low end), before its finals
+    # recorded sweep (0.1, the grid's low end), before its finals; then the unnormalized net's by 0.3,
+    # above the best of its sweep (0.1, the grid's high end), before its finals
     ("nf_resnet", "cpu_converged"): {"spp_seeds": [0, 1, 2],
                                      "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.03, 0.1, 0.3, 1.0, 3.0],
-                                             "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]}},
+                                             "nf_noagc": [0.01, 0.03, 0.1, 0.3],
+                                             "none": [0.003, 0.01, 0.03, 0.1, 0.3]}},
 }
 
 

@@ -82,9 +82,12 @@ def test_a_widened_profile_keeps_its_recorded_runs_and_adds_the_new_ones():
     new = {results.run_key(r) for r in nfr.runs(widened["config"])} - {r["key"] for r in record["runs"]}
     assert sorted(json.loads(k)["seed"] for k in new if json.loads(k)["kind"] == "spp") == [1] * 4 + [2] * 4
     assert widened["complete"] is False and migrate.amend_record(widened) is widened
-    # NF+AGC's grid, widened downward after its sweep chose the low end: one more sweep run, no other
+    # the lr grids widened after their sweeps chose an end (NF+AGC's downward, the unnormalized net's
+    # upward): one more sweep run each, no other
     assert migrate.AMENDED[("nf_resnet", "cpu_converged")]["lrs"] == nfr.PROFILES["cpu_converged"]["lrs"]
-    old = {**nfr.PROFILES["cpu_converged"], "lrs": {**nfr.PROFILES["cpu_converged"]["lrs"], "nf": [0.1, 0.3, 1.0, 3.0]}}
+    old = {**nfr.PROFILES["cpu_converged"], "lrs": {**nfr.PROFILES["cpu_converged"]["lrs"], "nf": [0.1, 0.3, 1.0, 3.0],
+                                                    "none": [0.003, 0.01, 0.03, 0.1]}}
     added = ({results.run_key(r) for r in nfr.runs(nfr.PROFILES["cpu_converged"])}
              - {results.run_key(r) for r in nfr.runs(old)})
-    assert [json.loads(k) for k in added] == [{"kind": "sweep", "model": "nf", "lr": 0.03, "seed": 0}]
+    assert sorted(added) == sorted(results.run_key(r) for r in ({"kind": "sweep", "model": "nf", "lr": 0.03, "seed": 0},
+                                                               {"kind": "sweep", "model": "none", "lr": 0.3, "seed": 0}))

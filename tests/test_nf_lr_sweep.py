@@ -43,7 +43,7 @@ def test_converged_profile_runs_sweep_then_fresh_seeds():
     assert kinds.count("spp") == 4 * 3 and kinds.count("train") == 0  # 4 networks x 3 draws at initialization
     sweeps = [r for r in rs if r["kind"] == "sweep"]
     finals = [r for r in rs if r["kind"] == "final"]
-    assert len(sweeps) == sum(len(v) for v in CONVERGED["lrs"].values()) == 17 and len(finals) == 4 * 3
+    assert len(sweeps) == sum(len(v) for v in CONVERGED["lrs"].values()) == 18 and len(finals) == 4 * 3
     assert max(i for i, r in enumerate(rs) if r["kind"] == "sweep") < min(i for i, r in enumerate(rs) if r["kind"] == "final")
     assert [r["seed"] for r in finals] == [1] * 4 + [2] * 4 + [3] * 4  # seed by seed: a partial record pairs
     assert all("lr" not in r for r in finals), "a final run's identity must not depend on the sweep's outcome"

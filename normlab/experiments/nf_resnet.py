@@ -57,14 +57,16 @@ _COMMON = {"dataset": "cifar10", "alpha": 0.2, "agc_clip": 0.01, "agc_eps": 1e-3
 # precision confound, and 1.9x slower for NF); torch's fused BatchNorm (same formula, 3x faster than
 # normlab's on a CPU). Cost, measured through run_one at one thread on a shared, loaded 2-core machine
 # (pessimistic): 99 / 107 / 102 / 72 ms per step (bn / nf / nf_noagc / none), 2.3 s per evaluation of
-# 15k images: 19-20 min per run (14 for none), 29 runs, <= 8.7 CPU-hours (less for runs that diverge early).
+# 15k images: 19-20 min per run (14 for none), 30 runs, <= 9 CPU-hours (less for runs that diverge early).
 _CONVERGED = {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_size": None, "batch_size": 128,
               "epochs": 30, "eval_every": 1, "warmup_epochs": 1.0, "spp_depth": 110, "spp_batch": 64,
               "spp_models": ["bn", "none", "nf", "nf_nows"], "spp_seeds": [0, 1, 2], "train": [], "seeds": [0],
               # nf's grid began at 0.1; its sweep put the best there (30.4% validation error, 32.1 at 0.3),
-              # at the grid's end, so it was widened by one factor-3 step before any final was recorded
+              # at the grid's end, so it was widened by one factor-3 step before any final was recorded; the
+              # unnormalized net's began at 0.003 and ended at 0.1, where its sweep put the best (22.8%; 25.0
+              # at 0.03), so it was widened to 0.3 the same way before its finals
               "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.03, 0.1, 0.3, 1.0, 3.0],
-                      "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1]},
+                      "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1, 0.3]},
               "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
               "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
               "bn_impl": "fused"}
