@@ -43,8 +43,9 @@ AMENDED: dict[tuple[str, str], dict[str, Any]] = {
     # widened: signal propagation at three seeds (seconds each), so its verdict has a spread; seed 0's
     # runs, recorded first, are the same runs. Then NF+AGC's lr grid by 0.03, below the best of its
     # recorded sweep (0.1, the grid's low end), before its finals; then the unnormalized net's by 0.3,
-    # above the best of its sweep (0.1, the grid's high end), before its finals
-    ("nf_resnet", "cpu_converged"): {"spp_seeds": [0, 1, 2],
+    # above the best of its sweep (0.1, the grid's high end), before its finals; and the budget check
+    # (every network at twice the epochs, at the final seeds), after the finals
+    ("nf_resnet", "cpu_converged"): {"spp_seeds": [0, 1, 2], "budget": {"epochs": 60, "seeds": [1, 2, 3]},
                                      "lrs": {"bn": [0.03, 0.1, 0.3, 1.0], "nf": [0.03, 0.1, 0.3, 1.0, 3.0],
                                              "nf_noagc": [0.01, 0.03, 0.1, 0.3],
                                              "none": [0.003, 0.01, 0.03, 0.1, 0.3]}},

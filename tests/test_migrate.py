@@ -91,3 +91,9 @@ def test_a_widened_profile_keeps_its_recorded_runs_and_adds_the_new_ones():
              - {results.run_key(r) for r in nfr.runs(old)})
     assert sorted(added) == sorted(results.run_key(r) for r in ({"kind": "sweep", "model": "nf", "lr": 0.03, "seed": 0},
                                                                {"kind": "sweep", "model": "none", "lr": 0.3, "seed": 0}))
+    # the budget check, added after the finals: only budget runs, recorded runs untouched
+    assert migrate.AMENDED[("nf_resnet", "cpu_converged")]["budget"] == nfr.PROFILES["cpu_converged"]["budget"]
+    before = {k: v for k, v in nfr.PROFILES["cpu_converged"].items() if k != "budget"}
+    added = ({results.run_key(r) for r in nfr.runs(nfr.PROFILES["cpu_converged"])}
+             - {results.run_key(r) for r in nfr.runs(before)})
+    assert len(added) == 12 and {json.loads(k)["kind"] for k in added} == {"budget"}

@@ -48,6 +48,11 @@ def test_converged_profile_runs_sweep_then_fresh_seeds():
     assert [r["seed"] for r in finals] == [1] * 4 + [2] * 4 + [3] * 4  # seed by seed: a partial record pairs
     assert all("lr" not in r for r in finals), "a final run's identity must not depend on the sweep's outcome"
     assert {r["seed"] for r in sweeps}.isdisjoint({r["seed"] for r in finals})
+    budget = [r for r in rs if r["kind"] == "budget"]  # twice the epochs, after every final, paired with them
+    assert CONVERGED["budget"]["epochs"] == 2 * CONVERGED["epochs"] and len(budget) == 4 * 3
+    assert min(i for i, r in enumerate(rs) if r["kind"] == "budget") > max(i for i, r in enumerate(rs) if r["kind"] == "final")
+    assert [(r["model"], r["seed"]) for r in budget] == [(r["model"], r["seed"]) for r in finals]
+    assert all("lr" not in r for r in budget)
     for arm, grid in CONVERGED["lrs"].items():  # a factor-~3 grid per network
         assert all(2.5 < b / a < 3.5 for a, b in zip(grid, grid[1:])), (arm, grid)
     assert CONVERGED["image_size"] == 16 and CONVERGED["padding"] == 2 and CONVERGED["train_size"] is None
@@ -63,6 +68,11 @@ def test_converged_profile_runs_sweep_then_fresh_seeds():
     ({"final_seeds": [1]}, "at least 2 seeds"),
     ({"final_seeds": [0, 1, 2]}, "repeat sweep_seeds"),
     ({"val_size": 0}, "set val_size"),
+    ({"budget": {"epochs": 30, "seeds": [1, 2, 3]}}, r"budget epochs must be an integer above the final runs' 30 \(e.g. 60\)"),
+    ({"budget": {"epochs": 60, "seeds": [1, 4]}}, r"budget seeds must be at least 2 of final_seeds \[1, 2, 3\]"),
+    ({"budget": {"epochs": 60, "seeds": [1]}}, "at least 2 of final_seeds"),
+    ({"budget": {"epochs": 60, "seed": [1, 2]}}, r"budget must be \{'epochs': E, 'seeds'"),
+    ({"lrs": {}, "budget": {"epochs": 60, "seeds": [1, 2]}}, "budget check reruns the final runs for longer"),
 ])
 def test_bad_lr_sweep_profiles_name_the_fix(change, match):
     with pytest.raises(ValueError, match=match):
@@ -120,6 +130,24 @@ def test_a_final_run_needs_its_sweep(fake_cifar):
     assert _untimed(out) == _untimed(exp.run_one(run, config, record=record)), "not deterministic"
 
 
+def test_a_budget_run_trains_longer_at_the_chosen_lr(fake_cifar):
+    config = SMOKE
+    run = {"kind": "budget", "model": "bn", "seed": 1}
+    with pytest.raises(ValueError, match="a budget run trains at the lr its sweep chose: pass record="):
+        exp.run_one(run, config)
+    record = {"config": config, "runs": [_sweep_run("bn", 0.03, 40.0)]}
+    with pytest.raises(NotReady, match=r"bn's lr sweep lacks lr \[0.1\]"):
+        exp.run_one(run, config, record=record)
+    record["runs"].append(_sweep_run("bn", 0.1, 35.0))  # 0.1 wins
+    out = exp.run_one(run, config, record=record)
+    assert out["metrics"]["lr"] == 0.1 and out["metrics"]["epochs_done"] == config["budget"]["epochs"] == 3
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    final = exp.run_one({"kind": "final", "model": "bn", "seed": 1}, config, record=record)
+    assert [h["epoch"] for h in final["history"]] == [1, 2]
+    # the first epoch's batches are the same; the cosine schedule is longer, so its lr is higher after warmup
+    assert out["history"][-1]["lr"] != final["history"][-1]["lr"]
+
+
 def _untimed(result):
     return result["metrics"], [{k: v for k, v in h.items() if k != "time_s"} for h in result["history"]]
 
@@ -133,7 +161,7 @@ def test_smoke_converged_end_to_end(fake_cifar, tmp_path):
         rec = sweep.sweep("nf_resnet", "smoke_converged", out=tmp_path / "s.json", progress=False, log=None)
     finally:
         torch.set_num_threads(threads)
-    assert rec["complete"] and {r["config"]["kind"] for r in rec["runs"]} == {"spp", "sweep", "final"}
+    assert rec["complete"] and {r["config"]["kind"] for r in rec["runs"]} == {"spp", "sweep", "final", "budget"}
     json.dumps(rec, allow_nan=False)
     chosen = exp.chosen_lrs(rec)  # raises if a final run trained at another lr than the sweep chooses
     assert set(chosen) == set(exp.ARMS)
@@ -152,7 +180,11 @@ def test_smoke_converged_end_to_end(fake_cifar, tmp_path):
         assert c["epoch"] == [1, 2] and all(lo <= m <= hi for lo, m, hi in zip(c["min"], c["mean"], c["max"]))
     assert [row[0].split(" [")[0] for row in exp.claims(rec)] == [t.format(margin=exp.MATCH_MARGIN) for t, *_ in exp.CLAIMS]
     assert set(exp.spp_summary(rec)) == set(exp.SPP_MODELS) and {s["n_seeds"] for s in exp.spp_summary(rec).values()} == {3}
-    assert len(exp.findings(rec)) == 6 + len(exp.CLAIMS)
+    assert set(exp.budget_gain(rec)) == set(exp.ARMS) and len(exp.budget_shift(rec)) == len(exp.CLAIMS)
+    assert all(r["metrics"]["lr"] == chosen[r["config"]["model"]]["lr"] and r["metrics"]["epochs_done"] == 3
+               for r in rec["runs"] if r["config"]["kind"] == "budget")
+    assert set(exp.curves(rec, kind="budget")) == set(exp.ARMS)
+    assert len(exp.findings(rec)) == 8 + len(exp.CLAIMS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,6 +366,53 @@ def test_claims_give_known_verdicts():
     two_rows = exp.claims(two)
     assert all(iv.n == 2 and word == "not tested here" for _, iv, word in two_rows)
     assert two_rows[1][1].low > 0  # NF without AGC trails by 7 and 8 points: clear, but on 2 seeds
+
+
+def _budget(rec, errors):
+    """`rec` with budget-check runs of test errors `errors` {model: {seed: error}} (at the final runs' lr)."""
+    rec = copy.deepcopy(rec)
+    lr = {r["config"]["model"]: r["metrics"]["lr"] for r in rec["runs"] if r["config"]["kind"] == "final"}
+    for model, seeds in errors.items():
+        for s, e in seeds.items():
+            run = _final(model, s, lr[model], e)
+            run["config"]["kind"] = "budget"
+            rec["runs"].append(run)
+    return rec
+
+
+def test_budget_readers_give_known_answers():
+    # finals: bn 24 25 26, nf 23 23 23, none 35 90 36; with twice the epochs bn -1 -2 -3, nf -3 -3 -3
+    rec = _budget(_fake_record(), {"bn": {1: 23.0, 2: 23.0, 3: 23.0}, "nf": {1: 20.0, 2: 20.0, 3: 20.0},
+                                   "none": {1: 34.0, 2: 33.0}})
+    gain = exp.budget_gain(rec)
+    t = t_quantile(0.975, 2)
+    assert gain["bn"].estimate == pytest.approx(-2.0) and gain["bn"].n == 3
+    assert (gain["bn"].low, gain["bn"].high) == pytest.approx((-2.0 - t / math.sqrt(3), -2.0 + t / math.sqrt(3)))
+    assert gain["nf"].estimate == pytest.approx(-3.0) and gain["nf"].low == pytest.approx(-3.0)  # no spread
+    assert gain["none"].n == 2 and gain["none"].estimate == pytest.approx((-1 - 57) / 2)
+    shift = exp.budget_shift(rec)
+    match = shift["NF + AGC matches BN (within ±1)"]
+    # nf - bn: short -1 -2 -3, long -3 -3 -3: change -2 -1 0
+    assert match["short"].estimate == pytest.approx(-2.0) and match["long"].estimate == pytest.approx(-3.0)
+    assert match["change"].estimate == pytest.approx(-1.0) and match["change"].n == 3
+    assert match["change"].high == pytest.approx(-1.0 + t / math.sqrt(3))
+    bn_none = shift["BN beats the unnormalized net"]  # seeds 1 and 2 only: none has no budget run at seed 3
+    assert bn_none["change"].n == 2 and bn_none["short"].estimate == pytest.approx((-11 - 65) / 2)
+    assert set(shift) == {"NF + AGC matches BN (within ±1)", "BN beats the unnormalized net",
+                          "NF + AGC beats the unnormalized net"}  # no NF-without-AGC runs in this record
+    rows = exp.claims(rec, kind="budget")
+    assert rows[0][1].estimate == pytest.approx(-3.0) and rows[0][2] == "does not hold"  # 3 below BN: outside ±1
+    assert exp.budget_gain(_fake_record()) == {} and exp.budget_shift(_fake_record()) == {}
+    lines = exp.findings(rec)
+    assert any(line.startswith("Training 60 instead of 10 epochs changed the final test error by BN -2.00 [") for line in lines)
+    assert any(line.startswith("What the claims compare moved with the 60-epoch budget by NF + AGC matches BN "
+                               "(within ±1): -1.00 [") for line in lines)
+    with pytest.raises(ValueError, match="kind must be 'final'.*or 'budget'"):
+        exp.final_errors(rec, kind="long")
+    wrong = copy.deepcopy(rec)
+    next(r for r in wrong["runs"] if r["config"]["kind"] == "budget")["metrics"]["lr"] = 0.3
+    with pytest.raises(ValueError, match=r"bn's final runs trained at lr \[0.3\]"):
+        exp.chosen_lrs(wrong)
 
 
 def _spp_run(model, var, sq_mean, res_var, seed=0):

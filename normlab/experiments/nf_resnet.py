@@ -20,8 +20,13 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   `final` runs train at, once per `final_seeds` seed (seeds the sweep did not use, so the reported test
   errors played no part in the choice). A final run needs its model's sweep in the record: `run_one`
   takes `record` and raises `NotReady` until it is there.
+- `kind="budget"` (profiles with `budget`: {"epochs", "seeds"}): every network again at its chosen lr,
+  for `budget["epochs"]` (more) epochs, at final seeds: the check that the final runs' budget has
+  converged for what the verdicts compare (`budget_gain`, `budget_shift`). A cosine schedule anneals
+  the lr to zero at the end of any budget, so a curve flattening there says little; training twice as
+  long with the same schedule does.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
-  `flatness`, `curves`, `claims` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `findings`;
+  `flatness`, `curves`, `claims`, `budget_gain`, `budget_shift` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `findings`;
   `spp_summary` reads the signal propagation runs of any profile.
 
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
@@ -69,7 +74,10 @@ _CONVERGED = {**_COMMON, "depth": 20, "width": 16, "train_size": None, "test_siz
                       "nf_noagc": [0.01, 0.03, 0.1, 0.3], "none": [0.003, 0.01, 0.03, 0.1, 0.3]},
               "sweep_seeds": [0], "final_seeds": [1, 2, 3], "val_size": 5000, "split_seed": 2021,
               "image_size": 16, "padding": 2, "precision": "bf16", "memory_format": "channels_last",
-              "bn_impl": "fused"}
+              "bn_impl": "fused",
+              # the budget check: twice the epochs (same warmup, cosine over all of them) at the final seeds,
+              # ~28 min a run (20 for none), 12 runs, ~5.5 CPU-hours
+              "budget": {"epochs": 60, "seeds": [1, 2, 3]}}
 
 PROFILES: dict[str, dict[str, Any]] = {
     # seconds: proves the code path of the fixed-lr profiles (cpu, full) with tiny models and a few
@@ -95,7 +103,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke_converged": {**_CONVERGED, "depth": 8, "width": 8, "train_size": 256, "test_size": 256, "val_size": 64,
                         "batch_size": 64, "epochs": 2, "spp_depth": 8, "spp_batch": 8,
                         "lrs": {"bn": [0.03, 0.1], "nf": [0.1, 0.3], "nf_noagc": [0.03, 0.1], "none": [0.01, 0.03]},
-                        "final_seeds": [1, 2]},
+                        "final_seeds": [1, 2], "budget": {"epochs": 3, "seeds": [1, 2]}},
 }
 
 SPP_MODELS = ("bn", "none", "nf", "nf_nows")
@@ -105,7 +113,8 @@ TRAIN_MODELS = ("bn", "none", "nf", "nf_noagc")
 def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Signal propagation runs first (cheap; seed by seed over `spp_seeds`, by default the first of `seeds`), then the fixed-lr training runs, seed by
     seed; then the lr sweep network by network (a network's final runs need only its own sweep), then
-    the final runs seed by seed (a partial record then already pairs the networks)."""
+    the final runs seed by seed (a partial record then already pairs the networks), then the budget
+    check seed by seed."""
     out: list[dict[str, Any]] = []
     # signal propagation at init: a few seconds a run, so a verdict on it can rest on several draws of
     # the weights and the image batch (the seed sets both)
@@ -117,6 +126,7 @@ def runs(config: dict[str, Any]) -> list[dict[str, Any]]:
     out += [{"kind": "sweep", "model": m, "lr": lr, "seed": seed}
             for m, grid in lrs.items() for lr in grid for seed in config["sweep_seeds"]]
     out += [{"kind": "final", "model": m, "seed": seed} for seed in config.get("final_seeds", []) for m in lrs]
+    out += [{"kind": "budget", "model": m, "seed": seed} for seed in _check_budget(config, lrs) for m in lrs]
     for r in out:
         allowed = SPP_MODELS if r["kind"] == "spp" else TRAIN_MODELS
         if r["model"] not in allowed:
@@ -147,6 +157,27 @@ def _check_lrs(config: dict[str, Any]) -> dict[str, list[float]]:
     if not config.get("val_size"):
         raise ValueError(f"a profile with lrs chooses them on a validation split: set val_size (e.g. 5000) ({fix})")
     return lrs
+
+
+def _check_budget(config: dict[str, Any], lrs: dict[str, list[float]]) -> list[int]:
+    """The budget check's seeds (empty without one), after checking that it can pair with the finals."""
+    budget = config.get("budget")
+    if not budget:
+        return []
+    fix = "fix the profile in normlab/experiments/nf_resnet.py"
+    if not lrs:
+        raise ValueError(f"a budget check reruns the final runs for longer: it needs lrs and final_seeds ({fix})")
+    if set(budget) != {"epochs", "seeds"}:
+        raise ValueError(f"budget must be {{'epochs': E, 'seeds': [...]}}, got keys {sorted(budget)} ({fix})")
+    if not isinstance(budget["epochs"], int) or budget["epochs"] <= config["epochs"]:
+        raise ValueError(f"budget epochs must be an integer above the final runs' {config['epochs']} "
+                         f"(e.g. {2 * config['epochs']}), got {budget['epochs']!r} ({fix})")
+    seeds = list(budget["seeds"])
+    extra = sorted(set(seeds) - set(config["final_seeds"]))
+    if len(seeds) < 2 or extra:
+        raise ValueError(f"budget seeds must be at least 2 of final_seeds {config['final_seeds']} (each pairs "
+                         f"with its final run), got {seeds!r} ({fix})")
+    return seeds
 
 
 @functools.lru_cache(maxsize=2)
@@ -289,12 +320,16 @@ def run_one(run: dict[str, Any], config: dict[str, Any], device: torch.device | 
         return _run_spp(run, config, device)
     if run["kind"] in ("train", "sweep"):
         return _run_train(run, config, device, progress, checkpoint)
-    if run["kind"] == "final":
+    if run["kind"] in ("final", "budget"):
         if record is None:
-            raise ValueError("a final run trains at the lr its sweep chose: pass record= (the record holding the "
-                             "sweep; `python -m normlab run nf_resnet --profile P` does)")
-        return _run_train(run, config, device, progress, checkpoint, lr=_lr_for(run["model"], config, record))
-    raise ValueError(f"run kind must be 'spp', 'train', 'sweep' or 'final', got {run['kind']!r}")
+            raise ValueError(f"a {run['kind']} run trains at the lr its sweep chose: pass record= (the record holding "
+                             "the sweep; `python -m normlab run nf_resnet --profile P` does)")
+        lr = _lr_for(run["model"], config, record)
+        if run["kind"] == "budget":
+            _check_budget(config, _check_lrs(config))
+            config = {**config, "epochs": config["budget"]["epochs"]}
+        return _run_train(run, config, device, progress, checkpoint, lr=lr)
+    raise ValueError(f"run kind must be 'spp', 'train', 'sweep', 'final' or 'budget', got {run['kind']!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,8 +373,15 @@ def _arms(record: dict[str, Any]) -> list[str]:
     return [a for a in ARMS if a in lrs]
 
 
-def _finals(record: dict[str, Any], model: str) -> list[dict[str, Any]]:
-    return [r for r in record["runs"] if r["config"].get("kind") == "final" and r["config"]["model"] == model]
+def _finals(record: dict[str, Any], model: str, kind: str = "final") -> list[dict[str, Any]]:
+    """`model`'s final runs (`kind="budget"`: its budget-check runs)."""
+    if kind not in ("final", "budget"):
+        raise ValueError(f"kind must be 'final' (the final runs) or 'budget' (the budget check), got {kind!r}")
+    return [r for r in record["runs"] if r["config"].get("kind") == kind and r["config"]["model"] == model]
+
+
+def _epochs(record: dict[str, Any], kind: str) -> int:
+    return record["config"]["budget"]["epochs"] if kind == "budget" else record["config"]["epochs"]
 
 
 def lr_sweep(record: dict[str, Any]) -> dict[str, dict[float, float | None]]:
@@ -365,7 +407,7 @@ def chosen_lrs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if any(len(errors.get(lr, [])) < len(record["config"]["sweep_seeds"]) for lr in grid):
             continue
         lr = selection.choose_lr({g: errors[g] for g in grid})
-        used = {r["metrics"].get("lr") for r in _finals(record, arm)} - {lr}
+        used = {r["metrics"].get("lr") for r in _finals(record, arm) + _finals(record, arm, "budget")} - {lr}
         if used:
             raise ValueError(f"{arm}'s final runs trained at lr {sorted(used)}, but its recorded sweep chooses {lr}: "
                              "the sweep changed after they ran; delete the final runs and record them again")
@@ -373,13 +415,13 @@ def chosen_lrs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def final_errors(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
+def final_errors(record: dict[str, Any], metric: str = "test_error", kind: str = "final") -> dict[str, dict[str, Any]]:
     """`{model: {"lr", "seeds": {seed: value}, "mean", "sd", "min", "max", "n", "diverged"}}` of `metric`
-    over the final runs (diverged runs included, at the error they stopped with; `diverged` counts them).
-    `sd` is the sample standard deviation over seeds (None for one seed)."""
+    over the final runs (`kind="budget"`: the budget check's) (diverged runs included, at the error they
+    stopped with; `diverged` counts them). `sd` is the sample standard deviation over seeds (None for one seed)."""
     out = {}
     for arm in _arms(record):
-        finals = _finals(record, arm)
+        finals = _finals(record, arm, kind)
         if not finals:
             continue
         seeds = {r["seed"]: r["metrics"][metric] for r in finals}
@@ -414,28 +456,30 @@ def agc_clipping(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def divergence(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """`{model: [{"kind", "lr", "seed", "step"}, ...]}`: the sweep and final runs that diverged (loss
+    """`{model: [{"kind", "lr", "seed", "step"}, ...]}`: the sweep, final and budget runs that diverged (loss
     NaN/inf, or above 10 ln(classes)), and at which step; an empty list for a model none of whose did."""
     out: dict[str, list[dict[str, Any]]] = {arm: [] for arm in _arms(record)}
     for r in record["runs"]:
         c, m = r["config"], r["metrics"]
-        if c.get("kind") in ("sweep", "final") and c["model"] in out and m.get("diverged"):
+        if c.get("kind") in ("sweep", "final", "budget") and c["model"] in out and m.get("diverged"):
             out[c["model"]].append({"kind": c["kind"], "lr": c.get("lr", m.get("lr")), "seed": r["seed"],
                                     "step": m.get("diverged_step")})
     return out
 
 
-def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_error") -> dict[str, dict[str, Any]]:
-    """How much `metric` still moved over the last `fraction` of training, per model's final runs:
+def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_error",
+             kind: str = "final") -> dict[str, dict[str, Any]]:
+    """How much `metric` still moved over the last `fraction` of training, per model's final runs
+    (`kind="budget"`: the budget check's):
     `{model: {"from_epoch", "to_epoch", "seeds": {seed: change}, "mean", "max_abs"}}`, change = value at
     the end - value at the last evaluation at or before (1 - fraction) of the epochs
     (`normlab.selection.tail_change`; negative: still improving). Diverged runs are left out
     (`divergence` lists them)."""
-    epochs = record["config"]["epochs"]
+    epochs = _epochs(record, kind)
     out = {}
     for arm in _arms(record):
         seeds, span = {}, None
-        for r in _finals(record, arm):
+        for r in _finals(record, arm, kind):
             if r["metrics"].get("diverged"):
                 continue
             start, seeds[r["seed"]] = selection.tail_change(r["history"], metric, fraction, "epoch", end=epochs)
@@ -447,14 +491,15 @@ def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_
     return out
 
 
-def curves(record: dict[str, Any], metric: str = "test_error") -> dict[str, dict[str, Any]]:
-    """`metric` by epoch over each model's final runs: `{model: {"epoch", "mean", "min", "max" (one value
+def curves(record: dict[str, Any], metric: str = "test_error", kind: str = "final") -> dict[str, dict[str, Any]]:
+    """`metric` by epoch over each model's final runs (`kind="budget"`: the budget check's): `{model:
+    {"epoch", "mean", "min", "max" (one value
     per epoch, over seeds), "n" (seeds)}}`. Diverged runs are left out (as in `flatness`; `divergence`
     lists them), and so are runs without `metric` at every epoch (unfinished, or a larger eval_every)."""
-    epochs = record["config"]["epochs"]
+    epochs = _epochs(record, kind)
     out = {}
     for arm in _arms(record):
-        curve = band(finished(_finals(record, arm), metric, epochs), metric)
+        curve = band(finished(_finals(record, arm, kind), metric, epochs), metric)
         if curve is not None:
             out[arm] = curve
     return out
@@ -478,16 +523,17 @@ CLAIMS = (
 
 
 def claims(record: dict[str, Any], margin: float = MATCH_MARGIN,
-           confidence: float = 0.95) -> list[tuple[str, Any, str]]:
+           confidence: float = 0.95, kind: str = "final") -> list[tuple[str, Any, str]]:
     """`(claim, normlab.stats.Interval, verdict)` rows for `normlab.stats.verdict_table`, one per claim of
     `CLAIMS` whose two models are in the record's sweep: the paired difference of final test error over
     the final seeds they share (`normlab.stats.paired_difference`), judged by `normlab.stats.seed_verdict`
     (the equivalence claim within `margin` points): "not tested here" below `stats.MIN_SEEDS` shared
     seeds, with no interval below 2. Diverged final runs count at the error they stopped with, and the
-    claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]"."""
+    claim then names them, e.g. "[no norm: 1 of 3 final runs diverged]". `kind="budget"`: the same
+    claims on the budget check's runs (twice the epochs)."""
     from ..stats import NOT_TESTED, paired_difference, seed_verdict
 
-    finals = {arm: {r["seed"]: r["metrics"] for r in _finals(record, arm)} for arm in _arms(record)}
+    finals = {arm: {r["seed"]: r["metrics"] for r in _finals(record, arm, kind)} for arm in _arms(record)}
     rows = []
     for text, model, ref, direction in CLAIMS:
         a, b = finals.get(model, {}), finals.get(ref, {})
@@ -500,10 +546,58 @@ def claims(record: dict[str, Any], margin: float = MATCH_MARGIN,
         iv = paired_difference({s: a[s]["test_error"] for s in seeds}, {s: b[s]["test_error"] for s in seeds},
                                confidence=confidence)
         word = seed_verdict(iv, direction=direction, margin=margin if direction == "equivalent" else None)
-        notes = [f"{ARM_NAMES[m]}: {n} of {len(seeds)} final runs diverged" for m, runs_m in ((model, a), (ref, b))
+        notes = [f"{ARM_NAMES[m]}: {n} of {len(seeds)} {kind} runs diverged" for m, runs_m in ((model, a), (ref, b))
                  if (n := sum(bool(runs_m[s].get("diverged")) for s in seeds))]
         rows.append((text.format(margin=margin) + (f" [{'; '.join(notes)}]" if notes else ""), iv, word))
     return rows
+
+
+def _paired_kinds(record: dict[str, Any], model: str) -> dict[int, tuple[float, float]]:
+    """`{seed: (final test error, budget test error)}` of `model` at the seeds with both runs."""
+    short = {r["seed"]: r["metrics"]["test_error"] for r in _finals(record, model)}
+    long = {r["seed"]: r["metrics"]["test_error"] for r in _finals(record, model, "budget")}
+    return {s: (short[s], long[s]) for s in sorted(short) if s in long}
+
+
+def budget_gain(record: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:
+    """`{model: normlab.stats.Interval}`: final test error with the budget check's epochs minus with the
+    final runs', paired by seed (negative: twice the epochs still lowered it). Models with fewer than 2
+    seeds with both runs are left out."""
+    from ..stats import paired_difference
+
+    out = {}
+    for arm in _arms(record):
+        pairs = _paired_kinds(record, arm)
+        if len(pairs) >= 2:
+            out[arm] = paired_difference({s: v[1] for s, v in pairs.items()}, {s: v[0] for s, v in pairs.items()},
+                                         confidence=confidence)
+    return out
+
+
+def budget_shift(record: dict[str, Any], margin: float = MATCH_MARGIN,
+                 confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Does what the claims compare move with the budget? For each claim of `CLAIMS` (by its text, as
+    `claims` names it with `margin`), test error(model) - test error(reference) paired by seed: `"short"` over
+    the final runs, `"long"` over the budget check's, and `"change"` = long minus short, the difference of
+    the per-seed differences, each a `normlab.stats.Interval` over the seeds where all four runs are
+    recorded. Near 0: the extra epochs move both networks alike, so a verdict on the final runs stands
+    even where their errors still fall (`budget_gain`). Claims with fewer than 2 such seeds are left out."""
+    from ..stats import paired_difference
+
+    out = {}
+    for text, model, ref, _ in CLAIMS:
+        a, b = _paired_kinds(record, model), _paired_kinds(record, ref)
+        seeds = [s for s in a if s in b]
+        if len(seeds) < 2:
+            continue
+        short = {s: a[s][0] - b[s][0] for s in seeds}
+        long = {s: a[s][1] - b[s][1] for s in seeds}
+        pair = lambda side: ({s: a[s][side] for s in seeds}, {s: b[s][side] for s in seeds})  # noqa: E731
+        out[text.format(margin=margin)] = {
+            "short": paired_difference(*pair(0), confidence=confidence),
+            "long": paired_difference(*pair(1), confidence=confidence),
+            "change": paired_difference(long, short, confidence=confidence)}
+    return out
 
 
 #: How the chapter names the signal propagation networks.
@@ -560,8 +654,9 @@ def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: flo
     """The chapter's results as sentences, every number and verdict read from `record` by the readers
     above: the signal propagation at initialization (`spp_summary`), the chosen lrs and any at the end of
     its grid (`chosen_lrs`), the runs that diverged (`divergence`), the final test errors
-    (`final_errors`), AGC's clipped fraction (`agc_clipping`), each of `claims` with its verdict, and how
-    much the test error still moved over the last `fraction` of training (`flatness`). Parts whose runs
+    (`final_errors`), AGC's clipped fraction (`agc_clipping`), each of `claims` with its verdict, how
+    much the test error still moved over the last `fraction` of training (`flatness`), and what twice the
+    epochs changed (`budget_gain`, `budget_shift`). Parts whose runs
     are not recorded yet are left out."""
     out = []
     spp = spp_summary(record)
@@ -613,4 +708,14 @@ def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: flo
         out.append(f"Largest change of any seed's test error over the last {fraction:.0%} of training (epochs "
                    f"{span['from_epoch']} to {span['to_epoch']}): "
                    + "; ".join(f"{ARM_NAMES[a]} {f['max_abs']:.2f}" for a, f in flat.items()) + " points.")
+    gain = budget_gain(record)
+    if gain:
+        long = record["config"]["budget"]["epochs"]
+        out.append(f"Training {long} instead of {record['config']['epochs']} epochs changed the final test error by "
+                   + "; ".join(f"{ARM_NAMES[a]} {iv.format(2)}" for a, iv in gain.items()) + " points (paired by seed).")
+        shift = budget_shift(record, margin)
+        if shift:
+            out.append(f"What the claims compare moved with the {long}-epoch budget by "
+                       + "; ".join(f"{text}: {d['change'].format(2)}" for text, d in shift.items())
+                       + " points.")
     return out
