@@ -111,14 +111,19 @@ def _sweep_run(model, lr, val_error, seed=0, diverged=False, clip=None):
             "history": []}
 
 
-def test_a_final_run_needs_its_sweep(fake_cifar):
+@pytest.mark.parametrize("kind", ["final", "budget"])
+def test_final_and_budget_runs_need_their_sweep(fake_cifar, kind):
+    run = {"kind": kind, "model": "bn", "seed": 1}
+    with pytest.raises(ValueError, match=f"a {kind} run trains at the lr its sweep chose: pass record="):
+        exp.run_one(run, SMOKE)
+    with pytest.raises(NotReady, match=r"bn's lr sweep lacks lr \[0.1\]"):
+        exp.run_one(run, SMOKE, record={"config": SMOKE, "runs": [_sweep_run("bn", 0.03, 40.0)]})
+
+
+def test_a_final_run_trains_at_the_lr_its_sweep_chose(fake_cifar):
     config = SMOKE
     run = {"kind": "final", "model": "bn", "seed": 1}
-    with pytest.raises(ValueError, match="pass record="):
-        exp.run_one(run, config)
     record = {"config": config, "runs": [_sweep_run("bn", 0.03, 40.0)]}
-    with pytest.raises(NotReady, match=r"bn's lr sweep lacks lr \[0.1\]"):
-        exp.run_one(run, config, record=record)
     diverged = {"config": config, "runs": [_sweep_run("bn", 0.03, 90.0, diverged=True),
                                            _sweep_run("bn", 0.1, 90.0, diverged=True)]}
     with pytest.raises(ValueError, match=r"bn: every lr of the sweep .*diverged.*PROFILES\[...\]\['lrs'\]\['bn'\]"):
@@ -133,12 +138,7 @@ def test_a_final_run_needs_its_sweep(fake_cifar):
 def test_a_budget_run_trains_longer_at_the_chosen_lr(fake_cifar):
     config = SMOKE
     run = {"kind": "budget", "model": "bn", "seed": 1}
-    with pytest.raises(ValueError, match="a budget run trains at the lr its sweep chose: pass record="):
-        exp.run_one(run, config)
-    record = {"config": config, "runs": [_sweep_run("bn", 0.03, 40.0)]}
-    with pytest.raises(NotReady, match=r"bn's lr sweep lacks lr \[0.1\]"):
-        exp.run_one(run, config, record=record)
-    record["runs"].append(_sweep_run("bn", 0.1, 35.0))  # 0.1 wins
+    record = {"config": config, "runs": [_sweep_run("bn", 0.03, 40.0), _sweep_run("bn", 0.1, 35.0)]}  # 0.1 wins
     out = exp.run_one(run, config, record=record)
     assert out["metrics"]["lr"] == 0.1 and out["metrics"]["epochs_done"] == config["budget"]["epochs"] == 3
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
