@@ -26,7 +26,8 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   the lr to zero at the end of any budget, so a curve flattening there says little; training twice as
   long with the same schedule does.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
-  `flatness`, `curves`, `claims`, `budget_gain`, `budget_shift` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `findings`;
+  `flatness`, `curves`, `claims` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `budget_gain`,
+  `budget_shift`, `findings`;
   `spp_summary` reads the signal propagation runs of any profile.
 
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
