@@ -340,9 +340,13 @@ def test_claims_give_known_verdicts():
     assert [text for text, _, _ in rows] == [
         "NF + AGC matches BN (within ±1)", "NF without AGC trails NF + AGC",
         "BN beats the unnormalized net [no norm: 1 of 3 final runs diverged]",
-        "NF + AGC beats the unnormalized net [no norm: 1 of 3 final runs diverged]"]
+        "NF + AGC beats the unnormalized net [no norm: 1 of 3 final runs diverged]",
+        "NF without AGC matches BN (within ±1)"]
     t = t_quantile(0.975, 2)
-    match, trails, bn_none, nf_none = rows
+    match, trails, bn_none, nf_none, noagc_match = rows
+    # nf_noagc - bn = 6, 6, 7: the whole interval [4.90, 7.77] lies above the margin
+    assert noagc_match[1].estimate == pytest.approx(19 / 3) and noagc_match[2] == "does not hold"
+    assert noagc_match[1].low > 1.0
     # nf - bn = -1, -2, -3: -2 +- t / sqrt(3) = [-4.48, 0.48] reaches past -1 and into +-1
     assert match[1].estimate == pytest.approx(-2.0) and match[2] == "within noise"
     assert exp.claims(rec, margin=5.0)[0][0] == "NF + AGC matches BN (within ±5)"
@@ -361,7 +365,8 @@ def test_claims_give_known_verdicts():
     # 1 shared seed: no interval, not tested; 2: an interval, still not tested (stats.MIN_SEEDS is 3)
     assert exp.claims(partial)[:2] == rows[:2]
     assert exp.claims(partial)[2:] == [("BN beats the unnormalized net", None, "not tested here"),
-                                       ("NF + AGC beats the unnormalized net", None, "not tested here")]
+                                       ("NF + AGC beats the unnormalized net", None, "not tested here"),
+                                       rows[4]]
     two = {**rec, "runs": [r for r in rec["runs"] if r["config"].get("kind") != "final" or r["seed"] != 3]}
     two_rows = exp.claims(two)
     assert all(iv.n == 2 and word == "not tested here" for _, iv, word in two_rows)
@@ -411,7 +416,7 @@ def test_budget_readers_give_known_answers():
         exp.final_errors(rec, kind="long")
     wrong = copy.deepcopy(rec)
     next(r for r in wrong["runs"] if r["config"]["kind"] == "budget")["metrics"]["lr"] = 0.3
-    with pytest.raises(ValueError, match=r"bn's final runs trained at lr \[0.3\]"):
+    with pytest.raises(ValueError, match=r"bn's budget runs trained at lr \[0.3\].*delete the budget runs"):
         exp.chosen_lrs(wrong)
 
 
