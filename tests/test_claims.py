@@ -152,3 +152,31 @@ def test_the_table_renders_every_entry(entries):
     lines = ledger_markdown(entries)
     assert sum(line.startswith("* - C") for line in lines) == len(entries)
     assert any("*Measured* (`results/signal_propagation/cpu.json`)" in line for line in lines)
+
+
+def test_normalizer_free_numbers_come_from_ch06s_claims(tmp_path, monkeypatch):
+    # C33's verdict is the sources' (NF-ResNets are from 2021, not 2024); its numbers are ch06's two
+    # match claims, judged by nf_resnet.claims at the pre-fixed margin.
+    import json
+
+    from normlab import results
+    from normlab.experiments import nf_resnet as nfr
+
+    record = results.load("nf_resnet", "cpu_converged")
+    (tmp_path / "nf_resnet").mkdir()
+    (tmp_path / "nf_resnet" / "cpu_converged.json").write_text(json.dumps({**record, "complete": True}))
+    monkeypatch.setenv("NORMLAB_RESULTS", str(tmp_path))
+    m = claims.MEASURES["C33"]()
+    assert m.verdict is None and m.records == ["results/nf_resnet/cpu_converged.json"]
+    rows = {text.split(" (")[0]: (iv, word) for text, iv, word in nfr.claims(record)}
+    epochs = record["config"]["epochs"]
+    iv, word = rows["NF + AGC matches BN"]
+    assert m.values[f"nf_agc_minus_bn_{epochs}_epochs"] == claims.interval(iv)
+    assert m.values[f"nf_agc_matches_bn_{epochs}_epochs"] == word
+    iv, word = rows["NF without AGC matches BN"]
+    assert m.values[f"nf_noagc_minus_bn_{epochs}_epochs"].startswith(f"{iv.estimate:+.3g} [")
+    assert m.values[f"nf_noagc_matches_bn_{epochs}_epochs"] == word
+    assert 0 <= m.values["agc_clipped_fraction_final_runs"] <= 1
+    (tmp_path / "nf_resnet" / "cpu_converged.json").write_text(json.dumps({**record, "complete": False}))
+    with pytest.raises(claims.RecordPending, match="still recording"):
+        claims.MEASURES["C33"]()
