@@ -34,6 +34,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -125,6 +126,18 @@ def fastest(norm: str, config: TrainConfig) -> TrainConfig:
                    memory_format=memory_format if config.memory_format == "auto" else config.memory_format)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: always on CUDA; on a CPU only with AVX-512 BF16 or
+    AMX. Elsewhere (AVX2, plain AVX-512) torch emulates bf16 through fp32 conversions, so bf16
+    autocast is slower than fp32 there, not faster. True where torch cannot tell."""
+    if device.type != "cpu":
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(p is None for p in probes):
+        return True
+    return any(p() for p in probes)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, config: TrainConfig) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
 
@@ -210,6 +223,13 @@ class Trainer:
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.config = config
+        if config.precision == "bf16" and not native_bf16(self.device):
+            # FASTEST (and so precision="auto") was measured on a CPU with AVX-512 BF16; a record's
+            # precision is part of its protocol, so the trainer says so rather than switching to fp32
+            warnings.warn(f"bf16 autocast on this CPU (torch {torch.backends.cpu.get_cpu_capability()} kernels, "
+                          "no AVX-512 BF16 or AMX) is emulated and several times slower than fp32. To train "
+                          "faster here, use precision='fp32' (a different protocol from a bf16 record's), or a "
+                          "CPU with AVX-512 BF16 / AMX, or a GPU", RuntimeWarning, stacklevel=2)
         self.memory_format = torch.channels_last if config.memory_format == "channels_last" else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.task = task.to(self.device, self.memory_format)

@@ -189,6 +189,28 @@ def test_bf16_autocast_and_channels_last():
         Trainer(model, _task(), TrainConfig(precision="auto"))
 
 
+def test_bf16_on_a_cpu_that_emulates_it_warns_with_the_fix(monkeypatch):
+    import warnings
+
+    from normlab.train import native_bf16
+
+    cfg = TrainConfig(epochs=1, batch_size=16, precision="bf16")
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert not native_bf16(torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match=r"emulated.*precision='fp32'"):
+        Trainer(_resnet(), _task(), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(_resnet(), _task(), TrainConfig(epochs=1, batch_size=16))  # fp32: nothing to say
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert native_bf16(torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(_resnet(), _task(), cfg)
+    assert native_bf16(torch.device("cuda"))  # GPUs compute bf16 natively (a device object, no GPU needed)
+
+
 def test_a_non_finite_loss_stops_the_run():
     h = Trainer(_resnet(norm=None), _task(), TrainConfig(epochs=20, batch_size=16, lr=1e6, momentum=0.0)).fit()
     assert h[-1]["diverged"] is True and h[-1]["train_loss"] is None
