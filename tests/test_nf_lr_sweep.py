@@ -472,7 +472,7 @@ def test_spp_summary_and_findings_give_known_answers():
                         "(step 99); the other networks: none.")
     assert lines[3] == ("Mean final test error over seeds, lowest first: NF + AGC 23.00% (sd 0.00, n=3); BN 25.00% "
                         "(sd 1.00, n=3); no norm 53.67% (sd 31.47, n=3, 1 diverged).")
-    assert lines[4] == ("AGC clipped 95% of the units per step on average over training, and 70% in the last epoch "
+    assert lines[4] == ("AGC clipped 95.0% of the units per step on average over training, and 70.0% in the last epoch "
                         "(NF + AGC final runs, mean over 3 seeds).")
     assert lines[5].startswith("NF + AGC matches BN (within ±1): within noise (difference -2.00 [-4.48, 0.48]")
     assert lines[-1] == ("Largest change of any seed's test error over the last 20% of training (epochs 8 to 10): "

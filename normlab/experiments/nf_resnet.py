@@ -701,8 +701,9 @@ def findings(record: dict[str, Any], margin: float = MATCH_MARGIN, fraction: flo
     if "nf" in errs:
         clip = [c for c in agc_clipping(record)["final"].values() if c["mean"] is not None]
         if clip:
-            out.append(f"AGC clipped {statistics.fmean(c['mean'] for c in clip):.0%} of the units per step on "
-                       f"average over training, and {statistics.fmean(c['last'] for c in clip):.0%} in the last "
+            # one decimal: a fraction near 1 is the finding, and 0.9986 must not print as 100%
+            out.append(f"AGC clipped {statistics.fmean(c['mean'] for c in clip):.1%} of the units per step on "
+                       f"average over training, and {statistics.fmean(c['last'] for c in clip):.1%} in the last "
                        f"epoch (NF + AGC final runs, mean over {len(clip)} seeds).")
     for text, iv, word in claims(record, margin):
         out.append(f"{text}: {word} " + (f"(difference {iv.format(2)} points of test error, n={iv.n})." if iv else
