@@ -398,18 +398,30 @@ def seed_verdict(interval: Interval | None, *, min_seeds: int = MIN_SEEDS, **rul
     return NOT_TESTED if n < min_seeds else verdict(interval, **rule)
 
 
-def verdict_table(rows: Iterable[Sequence[Any]], *, digits: int = 3) -> str:
+#: The widest line a chapter's output shows unwrapped: cell outputs wrap (book/_static/normlab.css),
+#: and the book's column holds about 73 characters of code font in a 1200-pixel-wide window.
+TABLE_WIDTH = 72
+
+
+def verdict_table(rows: Iterable[Sequence[Any]], *, digits: int = 3, width: int | None = TABLE_WIDTH) -> str:
     """Fixed-width text lines for `(claim, interval, verdict)` rows, with a header; what a chapter prints.
 
     Numbers are rounded to `digits` decimals; the output depends only on the rows. `interval` may be
-    None only for a `NOT_TESTED` row. Verdicts must be in `VERDICTS`.
+    None only for a `NOT_TESTED` row. Verdicts must be in `VERDICTS`. A table wider than `width`
+    characters would wrap in the book, so each claim then gets a line of its own, with its numbers
+    (still aligned as columns) indented on the next; `width=None` keeps one line per claim.
 
     Example:
         >>> iv = Interval(5.0, 4.75, 5.25, 3, "t", 0.95)
-        >>> print(verdict_table([("GN beats BN at batch 2", iv, "holds"), ("GN helps at batch 64", None, NOT_TESTED)]))
-        claim                   estimate  interval        n  method  verdict
-        GN beats BN at batch 2     5.000  [4.750, 5.250]  3  95% t   holds
-        GN helps at batch 64           -  -               -  -       not tested here
+        >>> print(verdict_table([("GN beats BN", iv, "holds"), ("GN helps at 64", None, NOT_TESTED)]))
+        claim           estimate  interval        n  method  verdict
+        GN beats BN        5.000  [4.750, 5.250]  3  95% t   holds
+        GN helps at 64         -  -               -  -       not tested here
+        >>> print(verdict_table([("GN beats BN at a batch of 2 images per worker", iv, "holds")]))
+        claim
+          estimate  interval        n  method  verdict
+        GN beats BN at a batch of 2 images per worker
+             5.000  [4.750, 5.250]  3  95% t   holds
     """
     cells = [("claim", "estimate", "interval", "n", "method", "verdict")]
     for row in rows:
@@ -425,13 +437,17 @@ def verdict_table(rows: Iterable[Sequence[Any]], *, digits: int = 3) -> str:
         else:
             cells.append((str(claim), _fmt(iv.estimate, digits), f"[{_fmt(iv.low, digits)}, {_fmt(iv.high, digits)}]",
                           _fmt_n(iv.n), f"{iv.confidence:.0%} {iv.method}", word))
-    widths = [max(len(c[j]) for c in cells) for j in range(6)]
     right = (False, True, False, True, False, False)
-    lines = []
-    for c in cells:
-        parts = [c[j].rjust(widths[j]) if right[j] else c[j].ljust(widths[j]) for j in range(6)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+
+    def columns(first: int) -> list[str]:
+        widths = [max(len(c[j]) for c in cells) for j in range(6)]
+        return ["  ".join(c[j].rjust(widths[j]) if right[j] else c[j].ljust(widths[j])
+                          for j in range(first, 6)).rstrip() for c in cells]
+
+    lines = columns(0)
+    if width is None or max(map(len, lines)) <= width:
+        return "\n".join(lines)
+    return "\n".join(f"{c[0]}\n  {numbers}" for c, numbers in zip(cells, columns(1)))
 
 
 # --- summaries -------------------------------------------------------------------------------------------

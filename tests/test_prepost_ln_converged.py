@@ -287,7 +287,7 @@ def test_smoke_converged_end_to_end(tmp_path):
 
     rows = P.claims(rec, rec)
     assert len(rows) == 9 and all(word in VERDICTS for _, _, word in rows)
-    assert verdict_table(rows).count("\n") == len(rows)
+    assert verdict_table(rows, width=None).count("\n") == len(rows)
     assert set(P.depth_lrs_used(rec, rec)) == {"post", "pre", "deepnorm"}
     assert [r["placement"] for r in P.grad_profiles(rec)] == ["post", "pre", "deepnorm"]
     for cell in P.best_cells(rec).values():

@@ -326,8 +326,8 @@ def test_verdict_table_is_fixed_width_rounded_and_deterministic():
     diff = Interval(-0.00004, -0.3, 0.3, (3, 4), "welch", 0.90)
     rows = [("RMSNorm takes less time than LayerNorm", ratio, HOLDS), ("no accuracy change", diff, WITHIN_NOISE),
             ("helps at batch 64", None, NOT_TESTED)]
-    text = verdict_table(rows)
-    assert text == verdict_table(rows)
+    text = verdict_table(rows, width=None)
+    assert text == verdict_table(rows, width=None)
     lines = text.splitlines()
     assert lines == [
         "claim                                   estimate  interval           n  method                verdict",
@@ -335,7 +335,22 @@ def test_verdict_table_is_fixed_width_rounded_and_deterministic():
         "no accuracy change                         0.000  [-0.300, 0.300]  3+4  90% welch             within noise",
         "helps at batch 64                              -  -                  -  -                     not tested here",
     ]  # -0.00004 rounds to 0.000, not -0.000
-    assert "0.61" in verdict_table(rows, digits=2).splitlines()[1]
+    assert "0.61" in verdict_table(rows, digits=2, width=None).splitlines()[1]
+    # wider than the book's column (stats.TABLE_WIDTH): each claim on its line, its numbers below it
+    assert max(map(len, lines)) > stats.TABLE_WIDTH
+    assert verdict_table(rows).splitlines() == [
+        "claim",
+        "  estimate  interval           n  method                verdict",
+        "RMSNorm takes less time than LayerNorm",
+        "     0.612  [0.600, 0.650]    25  95% bootstrap-paired  holds",
+        "no accuracy change",
+        "     0.000  [-0.300, 0.300]  3+4  90% welch             within noise",
+        "helps at batch 64",
+        "         -  -                  -  -                     not tested here",
+    ]
+    narrow = [("no change", diff, WITHIN_NOISE)]  # fits: one line per claim
+    assert verdict_table(narrow) == verdict_table(narrow, width=None)
+    assert len(verdict_table(narrow).splitlines()) == 2
 
 
 @pytest.mark.parametrize("rows, fix", [
