@@ -281,6 +281,12 @@ def test_readers_give_known_answers():
     assert d["none"].estimate == pytest.approx((11 + 65 + 10) / 3)
     clip = exp.agc_clipping(rec)
     assert clip["sweep"] == {0.1: {"mean": 0.9, "last": 0.8}, 0.3: {"mean": 0.97, "last": 0.99}}
+    widened = copy.deepcopy(rec)  # a grid widened downwards appends its run: the reader still sorts by lr
+    low = copy.deepcopy(next(r for r in widened["runs"] if r["config"].get("kind") == "sweep"
+                             and r["config"]["model"] == "nf"))
+    low["config"]["lr"] = 0.03
+    widened["runs"].append(low)
+    assert list(exp.agc_clipping(widened)["sweep"]) == [0.03, 0.1, 0.3]
     assert clip["final"][2] == {"mean": 0.95, "last": pytest.approx(0.7)}
     assert exp.divergence(rec) == {"bn": [], "nf": [], "none": [{"kind": "sweep", "lr": 0.03, "seed": 0, "step": 7},
                                                                 {"kind": "final", "lr": 0.01, "seed": 2, "step": 99}]}

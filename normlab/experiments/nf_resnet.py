@@ -452,9 +452,10 @@ def agc_clipping(record: dict[str, Any]) -> dict[str, Any]:
     if "nf" not in _arms(record):
         raise ValueError("this record's sweep has no NF + AGC runs (model 'nf')")
     pick = lambda m: {"mean": m.get("agc_clip_fraction"), "last": m.get("agc_clip_fraction_last")}  # noqa: E731
-    return {"sweep": {r["config"]["lr"]: pick(r["metrics"]) for r in record["runs"]
-                      if r["config"].get("kind") == "sweep" and r["config"]["model"] == "nf"},
-            "final": {r["seed"]: pick(r["metrics"]) for r in _finals(record, "nf")}}
+    sweep = {r["config"]["lr"]: pick(r["metrics"]) for r in record["runs"]
+             if r["config"].get("kind") == "sweep" and r["config"]["model"] == "nf"}
+    return {"sweep": dict(sorted(sweep.items())),  # by lr, not by when a widened grid's run was added
+            "final": {r["seed"]: pick(r["metrics"]) for r in sorted(_finals(record, "nf"), key=lambda r: r["seed"])}}
 
 
 def divergence(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
