@@ -52,7 +52,9 @@ Hook = Callable[["Trainer"], None]
 #: (ResNet-20, 32x32, fwd+bwd+SGD; recorded by the `trainer_speed` experiment): plain BN runs fastest
 #: channels_last in bf16; per-worker BN (`gbn`, `brn`: the batch is reshaped per worker, which
 #: channels_last turns into copies) and GN (whose channels_last reductions are strided) in bf16 NCHW.
-#: `precision="auto"` / `memory_format="auto"` pick from here; fp32 NCHW is the reference.
+#: `precision="auto"` / `memory_format="auto"` pick from here; fp32 NCHW is the reference. On a CPU
+#: without native bf16 (`native_bf16`) fp32 is fastest instead (results/trainer_speed/cpu_avx2.json),
+#: but the table stays: a record's precision is part of its protocol. The trainer warns there.
 FASTEST: dict[str, tuple[str, str]] = {
     "bn": ("bf16", "channels_last"), "gbn": ("bf16", "contiguous"), "brn": ("bf16", "contiguous"),
     "gn": ("bf16", "contiguous"),
