@@ -101,3 +101,18 @@ def test_citations_exist_and_chapter_in_toc(nb: Path):
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = {ch["file"] for part in toc["parts"] for ch in part["chapters"]}
     assert f"notebooks/{nb.stem}" in files, f"{nb.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=ids)
+def test_record_markers_are_hidden_and_only_while_a_record_records(nb: Path):
+    """A `TODO(record)` marker (prose still to be read off a record) sits in an HTML comment, so readers
+    never see it, and only in a chapter that renders a record still recording (its outputs say so):
+    once the record is complete and the chapter re-executed, the markers must have been filled."""
+    d = load(nb)
+    markdown = "\n".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "markdown")
+    visible = re.sub(r"<!--.*?-->", "", markdown, flags=re.S)
+    assert "TODO" not in visible, f"{nb.name}: a TODO outside an HTML comment shows in the book"
+    if "TODO(record)" in markdown:
+        outputs = " ".join(text_of(o) for c in code_cells(nb) for o in c.get("outputs", []))
+        assert "still recording" in outputs, \
+            f"{nb.name}: its records are complete, but TODO(record) markers remain: fill them from the outputs"
