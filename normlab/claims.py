@@ -519,7 +519,7 @@ def normalizer_free() -> Measured:
     record, path = record_path("nf_resnet", "cpu_converged")
     values: dict[str, Any] = {"match_margin_points": nfr.MATCH_MARGIN}
     for kind in ("final", "budget"):
-        epochs = record["config"]["budget"]["epochs"] if kind == "budget" else record["config"]["epochs"]
+        epochs = nfr.kind_epochs(record, kind)
         rows = {text.split(" (")[0]: (iv, word) for text, iv, word in nfr.claims(record, kind=kind)}
         for arm, text in (("nf_agc", "NF + AGC matches BN"), ("nf_noagc", "NF without AGC matches BN")):
             iv, word = rows[text]

@@ -27,7 +27,7 @@ Two kinds of runs, after Brock, De & Smith (2021, NF-ResNets) and Brock et al. (
   long with the same schedule does.
   Readers: `lr_sweep`, `chosen_lrs`, `final_errors`, `paired_vs_bn`, `agc_clipping`, `divergence`,
   `flatness`, `curves`, `claims` (the chapter's verdicts, `CLAIMS` and `MATCH_MARGIN`), `budget_gain`,
-  `budget_shift`, `findings`;
+  `budget_shift`, `kind_epochs` (the epochs of final or budget runs), `findings`;
   `spp_summary` reads the signal propagation runs of any profile.
 
 CIFAR-10 by default; `dataset: "fashion_mnist"` in a profile switches to Fashion-MNIST.
@@ -381,7 +381,8 @@ def _finals(record: dict[str, Any], model: str, kind: str = "final") -> list[dic
     return [r for r in record["runs"] if r["config"].get("kind") == kind and r["config"]["model"] == model]
 
 
-def _epochs(record: dict[str, Any], kind: str) -> int:
+def kind_epochs(record: dict[str, Any], kind: str) -> int:
+    """The epochs that `kind`'s runs train ("final": the profile's `epochs`; "budget": the budget check's)."""
     return record["config"]["budget"]["epochs"] if kind == "budget" else record["config"]["epochs"]
 
 
@@ -478,7 +479,7 @@ def flatness(record: dict[str, Any], fraction: float = 0.2, metric: str = "test_
     the end - value at the last evaluation at or before (1 - fraction) of the epochs
     (`normlab.selection.tail_change`; negative: still improving). Diverged runs are left out
     (`divergence` lists them)."""
-    epochs = _epochs(record, kind)
+    epochs = kind_epochs(record, kind)
     out = {}
     for arm in _arms(record):
         seeds, span = {}, None
@@ -499,7 +500,7 @@ def curves(record: dict[str, Any], metric: str = "test_error", kind: str = "fina
     {"epoch", "mean", "min", "max" (one value
     per epoch, over seeds), "n" (seeds)}}`. Diverged runs are left out (as in `flatness`; `divergence`
     lists them), and so are runs without `metric` at every epoch (unfinished, or a larger eval_every)."""
-    epochs = _epochs(record, kind)
+    epochs = kind_epochs(record, kind)
     out = {}
     for arm in _arms(record):
         curve = band(finished(_finals(record, arm, kind), metric, epochs), metric)
