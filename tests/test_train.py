@@ -337,3 +337,22 @@ def test_optimizer_steps_only_in_the_one_training_loop():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line.split("#")[0]) and not line.lstrip().startswith(("\"", "'"))]
     assert not offenders, f"optimizer steps outside normlab/train.py: {offenders}; train with Trainer instead"
+
+
+def test_trainer_speed_table_prints_each_setting_and_the_defaults_gain():
+    from normlab.experiments import trainer_speed
+
+    combos = ["fp32/contiguous", "fp32/channels_last", "bf16/contiguous", "bf16/channels_last", "bare"]
+    metrics = {"images_per_s": dict(zip(combos, [100.0, 90.0, 10.0, 12.4, 101.0])), "speedup": 0.1,
+               "speedup_ci": [0.09, 0.11], "default": "bf16/contiguous", "fastest": "fp32/contiguous",
+               "fp32_over_bare": 0.99}
+    record = {"profile": "cpu", "provenance": {"device_name": "Some CPU", "device": "cpu", "num_threads": 2},
+              "runs": [{"config": {"norm": "gn", "batch_size": 2, "workers": 8}, "metrics": metrics}]}
+    lines = trainer_speed.table(record)
+    assert lines[0] == "trainer_speed, cpu profile, Some CPU (cpu, 2 threads)"
+    assert lines[1].split() == ["norm", "N", "k", *combos, "default/fp32", "NCHW"]
+    assert lines[2].split() == ["gn", "2", "8", "100", "90", "10", "12", "101", "0.10", "[0.09,", "0.11]",
+                                "(bf16/contiguous,", "fastest:", "fp32/contiguous)"]
+    assert lines[3] == "trainer overhead, fp32 NCHW images/s over the bare loop's: gn N=2 0.99"
+    metrics["fastest"] = "bf16/contiguous"
+    assert trainer_speed.table(record)[2].endswith("(bf16/contiguous, the fastest)")

@@ -109,3 +109,24 @@ def _epoch(trainer: Trainer, steps: int):
             loss = trainer.train_step()
         loss.item()
     return fn
+
+
+def table(record: dict[str, Any]) -> list[str]:
+    """The record as its chapter prints it: the machine, images/s of every setting per network, the
+    default's gain over fp32 NCHW with its interval (and whether it is the fastest), and the trainer's
+    overhead over the bare loop."""
+    prov = record["provenance"]
+    combos = [f"{p}/{m}" for p, m in COMBOS] + ["bare"]
+    lines = [f"trainer_speed, {record['profile']} profile, {prov['device_name']} ({prov['device']}, "
+             f"{prov['num_threads']} threads)",
+             f"{'norm':5s} {'N':>3s} {'k':>2s}  " + " ".join(f"{c:>18s}" for c in combos) + "   default/fp32 NCHW"]
+    for r in record["runs"]:
+        c, m = r["config"], r["metrics"]
+        ips = " ".join(f"{m['images_per_s'][k]:18.0f}" for k in combos)
+        lo, hi = m["speedup_ci"]
+        lines.append(f"{c['norm']:5s} {c['batch_size']:3d} {c['workers']:2d}  {ips}   {m['speedup']:.2f} [{lo:.2f}, {hi:.2f}]"
+                     f" ({m['default']}{', the fastest' if m['default'] == m['fastest'] else ', fastest: ' + m['fastest']})")
+    lines.append("trainer overhead, fp32 NCHW images/s over the bare loop's: "
+                 + ", ".join(f"{r['config']['norm']} N={r['config']['batch_size']} {r['metrics']['fp32_over_bare']:.2f}"
+                             for r in record["runs"]))
+    return lines
